@@ -1,0 +1,1 @@
+"""dip-prep: shard image datasets into MosaicML Streaming (MDS) shards, locally or in S3."""
