@@ -1,0 +1,92 @@
+"""Train DiP with Composer.
+
+    python -m dip_scale.train recipes/dip_tiny_cpu.yaml                       # one process (CPU or 1 GPU)
+    composer -n 8 -m dip_scale.train recipes/dip_xl_256.yaml                  # one node, 8 GPUs
+    composer -n 8 -m dip_scale.train recipes/dip_xl_256.yaml train.global_batch_size=512 run_name=xl-b512
+    sbatch cluster/train.sh recipes/dip_xl_256.yaml                           # N nodes (see cluster/)
+    python -m dip_scale.train recipes/dip_xl_256.yaml --dry-run               # print the resolved config
+
+To resume, run the same command again: the newest intact checkpoint of the run (local, or in the S3
+save folder) is found and training continues from it. Exit status: 0 done, 2 bad recipe or input,
+3 stopped on a non-finite loss, 75 preempted after a checkpoint (requeue and rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from dip_scale.train.config import ConfigError, check_world_size, load_recipe, model_config, to_yaml
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m dip_scale.train", description=__doc__.split("\n\n")[0],
+        epilog="\n".join(__doc__.splitlines()[2:8]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=1000")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def dry_run(recipe) -> None:
+    import torch
+
+    from dip_scale.models.dip import build_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank, accum = check_world_size(recipe, world)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(model_config(recipe)).parameters())
+    print(to_yaml(recipe), end="")
+    print(f"# world size {world}: {per_rank} images per rank per step, {accum} micro-batch(es) per step; "
+          f"model {params:,} parameters")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            dry_run(recipe)
+            return 0
+        check_world_size(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("composer", "streaming", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="composer")
+
+    from composer.utils import dist
+
+    from dip_scale.train.build import build_trainer, device_type
+    from dip_scale.train.callbacks.nonfinite import NonFiniteStop
+    from dip_scale.train.callbacks.preemption import Preempted
+
+    try:
+        dist.initialize_dist(device_type(recipe))
+        trainer, paths = build_trainer(recipe)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        trainer.fit()
+    except (Preempted, NonFiniteStop) as stop:
+        trainer.close()
+        return int(stop.code)
+    trainer.close()
+    if dist.get_global_rank() == 0:
+        print(f"run {recipe.run_name} complete at step {int(trainer.state.timestamp.batch)}: {paths.local_root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

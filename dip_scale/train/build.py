@@ -1,0 +1,215 @@
+"""The one place that turns a validated Recipe into objects: model, data, optimizer, callbacks, loggers,
+and the Composer Trainer that runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from composer import Trainer
+from composer.utils import dist
+
+from dip_scale.diffusion.flow import FlowMatching
+from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.models.dip import build_model
+from dip_scale.train import parallel
+from dip_scale.train.callbacks.checkpoint import CheckpointSaver
+from dip_scale.train.callbacks.ema import EMAUpdate
+from dip_scale.train.callbacks.epoch_seed import EpochSeed
+from dip_scale.train.callbacks.metrics import TrainMetrics
+from dip_scale.train.callbacks.nonfinite import NonFiniteGuard
+from dip_scale.train.callbacks.preemption import PreemptionCheckpoint
+from dip_scale.train.callbacks.sample_grid import SampleGrid
+from dip_scale.train.checkpoints import find_resume_checkpoint
+from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
+from dip_scale.train.module import DiPComposerModel
+from dip_scale.train.optim import GuardedAdamW
+from dip_scale.train.storage import is_remote, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPaths:
+    local_root: Path
+    """Checkpoints, metrics, samples and the saved config of this run on this machine."""
+    remote: str | None
+    """s3://.../<run_name> when the save folder is remote."""
+
+
+def run_paths(recipe: Recipe) -> RunPaths:
+    c = recipe.checkpoint
+    if c.save_folder and is_remote(c.save_folder):
+        local = Path(c.local_folder or "runs") / recipe.run_name
+        return RunPaths(local, f"{c.save_folder.rstrip('/')}/{recipe.run_name}")
+    return RunPaths(Path(c.save_folder or "runs") / recipe.run_name, None)
+
+
+def device_type(recipe: Recipe) -> str:
+    if recipe.train.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if recipe.train.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("train.device=gpu but no CUDA device is visible")
+    return recipe.train.device
+
+
+def precision(recipe: Recipe, device: str) -> str:
+    p = recipe.train.precision
+    if p == "auto":
+        return "amp_bf16" if device == "gpu" else "fp32"
+    if p == "bf16" and device == "cpu":
+        raise ConfigError("train.precision=bf16 needs a GPU (Composer allows only fp32 on CPU); use auto or fp32")
+    return "amp_bf16" if p == "bf16" else "fp32"
+
+
+def check_data(recipe: Recipe) -> None:
+    """Fail before building anything when the shards are not where the recipe says."""
+    remotes = [recipe.data.remote] if recipe.data.remote else [s.remote for s in recipe.data.streams or []]
+    for remote in remotes:
+        if remote is None:
+            raise ConfigError("data.streams: every stream needs a remote (s3:// URL or local folder)")
+        if is_remote(remote):
+            if open_store(remote).read_text("index.json") is None:
+                raise ConfigError(f"data.remote {remote}: no index.json there (shard the data with dip-prep first)")
+        elif not (Path(remote) / "index.json").is_file():
+            raise ConfigError(f"data.remote {remote}: no index.json in that folder (shard the data with dip-prep "
+                              "first, e.g. `dip-prep write synthetic --out {remote}`)")
+
+
+def load_repa(recipe: Recipe, hidden_size: int):
+    from dip_scale.diffusion.repa import REPA, load_repa_encoder
+
+    r = recipe.objective.repa
+    if not r.enabled:
+        return None
+    try:
+        encoder = load_repa_encoder(r.encoder_path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"objective.repa: {err}") from err
+    return REPA(hidden_size, encoder, weight=r.weight)
+
+
+def build_dataloader(recipe: Recipe, per_rank_batch: int):
+    from dip_scale.data import build_dataloader as build
+
+    d = recipe.data
+    streams = [dict(remote=s.remote, local=s.local, proportion=s.proportion) for s in d.streams] if d.streams else None
+    return build(remote=d.remote, local=d.local, streams=streams, batch_size=per_rank_batch, shuffle=d.shuffle,
+                 shuffle_seed=d.shuffle_seed, num_canonical_nodes=d.num_canonical_nodes, num_workers=d.num_workers,
+                 output="uint8", return_index=True)
+
+
+def wandb_logger(recipe: Recipe, paths: RunPaths):
+    w = recipe.logging.wandb
+    if not w.enabled or w.mode == "disabled":
+        return None
+    from composer.loggers import WandBLogger
+
+    # One wandb run per training run, whatever machine a resume lands on.
+    run_id = hashlib.sha1(f"{recipe.run_name}|{paths.remote or paths.local_root.resolve()}".encode()).hexdigest()[:16]
+    os.environ.setdefault("WANDB_MODE", w.mode)
+    return WandBLogger(project=w.project, entity=w.entity, name=recipe.run_name, rank_zero_only=True,
+                       init_kwargs={"id": run_id, "resume": "allow", "dir": str(paths.local_root),
+                                    "config": {"recipe": to_yaml(recipe)}})
+
+
+def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
+    """Newest intact checkpoint, agreed by all ranks; each node fetches it for itself."""
+    if not recipe.checkpoint.resume:
+        return None
+    store = open_store(paths.remote) if paths.remote else None
+    found = None
+    if dist.get_local_rank() == 0:
+        found = find_resume_checkpoint(paths.local_root, store)
+    # Global rank 0 decides; the other nodes' local rank 0 already fetched the same newest intact one.
+    found = dist.all_gather_object(found)[0]
+    dist.barrier()
+    return found
+
+
+def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
+    device = device_type(recipe)
+    prec = precision(recipe, device)
+    check_data(recipe)
+    world = dist.get_world_size()
+    per_rank, _ = check_world_size(recipe, world)
+    net_config = model_config(recipe)
+    repa = load_repa(recipe, net_config.hidden_size)
+    paths = run_paths(recipe)
+
+    torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+    net = build_model(net_config)
+    flow = FlowMatching(num_classes=net_config.num_classes, label_dropout=recipe.objective.label_dropout)
+    model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
+    parallelism = parallel.prepare(model, recipe, device)
+
+    o = recipe.optim
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    if dist.get_global_rank() == 0:
+        paths.local_root.mkdir(parents=True, exist_ok=True)
+        (paths.local_root / "config.yaml").write_text(to_yaml(recipe))
+    dist.barrier()
+    resume = resolve_resume(recipe, paths)
+    if resume is not None:
+        log.warning("resuming %s from step %d (%s)", recipe.run_name, resume[0], resume[1])
+
+    c = recipe.checkpoint
+    saver = CheckpointSaver(paths.local_root, open_store(paths.remote) if paths.remote else None, every=c.every,
+                            keep_last=c.keep_last, milestones=c.milestones, config_yaml=to_yaml(recipe))
+    image_size = tuple(recipe.data.image_size)
+    s = recipe.sampler
+    sampler = SamplerConfig(steps=s.steps, method=s.method, guidance_scale=s.guidance_scale,
+                            guidance_interval=tuple(s.guidance_interval))
+    classes = recipe.logging.sample_classes or [round(i * (net_config.num_classes - 1) / 7) for i in range(8)]
+    callbacks = [
+        EpochSeed(model),
+        EMAUpdate(model, recipe.ema_decay),
+        TrainMetrics(net_config, image_size, recipe.train.global_batch_size, recipe.logging.log_every,
+                     paths.local_root),
+        saver,
+        NonFiniteGuard(recipe.train.nonfinite, saver),
+        PreemptionCheckpoint(saver),
+    ]
+    if recipe.logging.sample_every:
+        callbacks.append(SampleGrid(model, recipe.logging.sample_every, sorted(set(classes)), image_size,
+                                    SamplerConfig(**{**sampler.__dict__, "steps": recipe.logging.sample_steps}),
+                                    paths.local_root, seed=recipe.seed))
+    if recipe.eval.every:
+        callbacks.append(scheduled_eval(recipe, paths, sampler))
+    loggers = [lg for lg in [wandb_logger(recipe, paths)] if lg is not None]
+
+    trainer = Trainer(
+        model=model,
+        train_dataloader=build_dataloader(recipe, per_rank),
+        max_duration=f"{recipe.train.max_steps}ba",
+        optimizers=optimizer,
+        device=device,
+        precision=prec,
+        device_train_microbatch_size=recipe.train.device_microbatch_size or per_rank,
+        parallelism_config=parallelism,
+        callbacks=callbacks,
+        loggers=loggers,
+        run_name=recipe.run_name,
+        seed=recipe.seed,
+        load_path=resume[1] if resume else None,
+        progress_bar=recipe.logging.progress_bar,
+        log_to_console=False,
+        save_folder=None,
+        python_log_level=None,
+    )
+    return trainer, paths
+
+
+def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig):
+    from dip_scale.train.callbacks.fid_eval import ScheduledEval
+
+    e = recipe.eval
+    return ScheduledEval(every=e.every, mode=e.mode, num_samples=e.num_samples, batch_size=e.batch_size,
+                         reference=e.reference, inception_path=e.inception_path, sampler=sampler,
+                         run_dir=paths.local_root, seed=recipe.seed)

@@ -1,0 +1,1 @@
+"""Cross-cutting training behaviour as Composer callbacks, one per file."""

@@ -1,0 +1,213 @@
+"""Periodic, atomic, verified checkpoints with background upload (see dip_scale.train.checkpoints).
+
+Saving (every `every` steps, at the end of training, and on demand from the preemption and non-finite
+callbacks):
+  1. every rank writes its part with Composer's checkpoint writer into `step-N.tmp/`;
+  2. the ranks exchange sizes and SHA-256 of what they wrote; rank 0 writes `manifest.json` last and
+     renames the folder to `step-N/`: only then is the checkpoint complete locally;
+  3. with a remote save folder, each rank uploads its own files in a background thread, retrying with
+     backoff while the store is unreachable (loudly, without stopping training); once all ranks agree
+     their files are up, rank 0 uploads the manifest and then `latest`: only then is it complete remotely.
+Retention keeps the newest `keep_last` checkpoints plus milestones, and never deletes a local checkpoint
+that is not yet uploaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from composer.utils.checkpoint import _save_checkpoint
+
+from dip_scale.train.checkpoints import (CHECKPOINTS, LATEST, MANIFEST, checkpoint_name, describe_files,
+                                         local_checkpoints, step_of, write_manifest)
+from dip_scale.train.storage import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class _Uploader:
+    """One background thread per rank that uploads checkpoint files in order, never giving up."""
+
+    def __init__(self, store, retry_pause: float = 10.0):
+        self.store = store
+        self.retry_pause = retry_pause
+        self.queue: queue.Queue = queue.Queue()
+        self.uploaded_step = -1  # newest step whose files from this rank are all up
+        self.unavailable = False
+        self.thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self.thread.start()
+
+    def files(self, step: int, folder: Path, names: list[str]):
+        self.queue.put(("files", step, folder, names))
+
+    def commit(self, step: int, folder: Path, keep_last: int, milestones: set[int]):
+        self.queue.put(("commit", step, folder, (keep_last, milestones)))
+
+    def idle(self) -> bool:
+        return self.queue.unfinished_tasks == 0
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            while True:
+                try:
+                    self._do(*item)
+                    if self.unavailable:
+                        log.warning("checkpoint store %s is reachable again; uploads caught up", self.store.url)
+                    self.unavailable = False
+                    break
+                except (StoreUnavailable, OSError) as err:
+                    if not self.unavailable:
+                        log.error("CHECKPOINT STORE UNREACHABLE (%s): training continues, checkpoints are kept "
+                                  "locally and will be uploaded when the store is back", err)
+                    self.unavailable = True
+                    time.sleep(self.retry_pause)
+            self.queue.task_done()
+
+    def _do(self, kind: str, step: int, folder: Path, extra):
+        name = checkpoint_name(step)
+        if kind == "files":
+            for rel in extra:
+                self.store.upload(folder / rel, f"{CHECKPOINTS}/{name}/{rel}")
+            self.uploaded_step = step
+            return
+        # commit: the manifest makes the remote checkpoint complete; `latest` follows it.
+        self.store.upload(folder / MANIFEST, f"{CHECKPOINTS}/{name}/{MANIFEST}")
+        self.store.write_text(LATEST, name)
+        keep_last, milestones = extra
+        steps = sorted((s, d) for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None)
+        older = [(s, d) for s, d in steps if s <= step][:-keep_last]
+        for s, d in older:
+            if s not in milestones:
+                self.store.delete_dir(f"{CHECKPOINTS}/{d}")
+
+
+class CheckpointSaver(Callback):
+    def __init__(self, local_root: str | Path, store=None, every: int = 5000, keep_last: int = 3,
+                 milestones: list[int] | None = None, config_yaml: str = "", upload_timeout: float = 600.0):
+        self.local_root = Path(local_root)
+        self.store = store
+        self.every = every
+        self.keep_last = keep_last
+        self.milestones = set(milestones or [])
+        self.config_yaml = config_yaml
+        self.upload_timeout = upload_timeout
+        self.uploader: _Uploader | None = None
+        self.saved: list[int] = []  # steps saved by this process, in order
+        self.agreed = -1  # newest step uploaded by every rank (identical on all ranks)
+        self.last_saved_step = -1
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def fit_start(self, state: State, logger: Logger):
+        if self.store is not None and self.uploader is None:
+            self.uploader = _Uploader(self.store)
+
+    def batch_end(self, state: State, logger: Logger):
+        step = int(state.timestamp.batch)
+        if step % self.every == 0:
+            self.save(state)
+        self.sync_uploads(state)
+
+    def fit_end(self, state: State, logger: Logger):
+        self.save(state)
+        self.finish(state)
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def save(self, state: State) -> Path:
+        """Write a complete local checkpoint of the current step (idempotent per step)."""
+        step = int(state.timestamp.batch)
+        final = self.local_root / CHECKPOINTS / checkpoint_name(step)
+        if step == self.last_saved_step:
+            return final
+        tmp = final.with_name(final.name + ".tmp")
+        rank = dist.get_global_rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        sharded = state.fsdp_sharded_state_dict_enabled
+        target = tmp / "sharded" / f"__{rank}_0.distcp" if sharded else tmp / "state.pt"
+        written = _save_checkpoint(state, str(target))  # ends with a barrier
+        mine = []
+        if written is not None:
+            mine = [str(Path(written).relative_to(tmp))]
+            if sharded and rank == 0:
+                mine.append("sharded/.metadata")
+        if rank == 0:
+            (tmp / "recipe.yaml").write_text(self.config_yaml)
+            mine.append("recipe.yaml")
+        files = {}
+        for part in dist.all_gather_object(describe_files(tmp, mine)):
+            files.update(part)
+        if rank == 0:
+            write_manifest(tmp, step, files, load="sharded" if sharded else "state.pt",
+                           meta={"world_size": dist.get_world_size()})
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if self.store is None:
+                (self.local_root / LATEST).write_text(final.name)
+        dist.barrier()
+        self.saved.append(step)
+        self.last_saved_step = step
+        if self.uploader is not None:
+            self.uploader.files(step, final, mine)
+        else:
+            self.agreed = step
+        self._prune_local()
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def sync_uploads(self, state: State):
+        """Agree across ranks which checkpoints are fully uploaded, and let rank 0 commit them. Collective,
+        but only while some saved checkpoint is not yet agreed (a condition identical on all ranks)."""
+        if self.uploader is None or not any(s > self.agreed for s in self.saved):
+            return
+        done = torch.tensor([self.uploader.uploaded_step], dtype=torch.int64)
+        done = state.device.tensor_to_device(done)
+        dist.all_reduce(done, reduce_operation="MIN")
+        upto = int(done.item())
+        if upto <= self.agreed:
+            return
+        if dist.get_global_rank() == 0:
+            for step in (s for s in self.saved if self.agreed < s <= upto):
+                self.uploader.commit(step, self.local_root / CHECKPOINTS / checkpoint_name(step), self.keep_last,
+                                     self.milestones)
+        self.agreed = upto
+        self._prune_local()
+
+    def finish(self, state: State, timeout: float | None = None):
+        """Wait (up to the timeout) until every saved checkpoint is committed remotely."""
+        if self.uploader is None:
+            return
+        deadline = time.monotonic() + (self.upload_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            self.sync_uploads(state)
+            # The decision to stop must be the same on every rank: agree on it.
+            flag = torch.tensor([1 if (self.agreed >= self.last_saved_step and self.uploader.idle()) else 0])
+            flag = state.device.tensor_to_device(flag)
+            dist.all_reduce(flag, reduce_operation="MIN")
+            if int(flag.item()):
+                return
+            time.sleep(0.5)
+        log.error("CHECKPOINT UPLOAD NOT FINISHED within %.0fs: the newest checkpoint is only in %s; the next "
+                  "start on this machine resumes from it and uploads it", self.upload_timeout, self.local_root)
+
+    def _prune_local(self):
+        if dist.get_local_rank() != 0:
+            return
+        existing = local_checkpoints(self.local_root)
+        newest = {s for s, _ in existing[: self.keep_last]}
+        for step, folder in existing:
+            if step in newest or step in self.milestones or step > self.agreed:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,41 @@
+"""Non-finite loss or gradient: the optimizer already refused the step (train/optim.py); here the run
+either stops with a checkpoint of the last good state and a clear message, or logs and goes on."""
+
+from __future__ import annotations
+
+import logging
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteStop(SystemExit):
+    """Training stopped on a non-finite loss or gradient (not a reason to requeue)."""
+
+
+class NonFiniteGuard(Callback):
+    def __init__(self, mode: str, saver):
+        self.mode = mode
+        self.saver = saver
+
+    def batch_end(self, state: State, logger: Logger):
+        optimizer = state.optimizers[0]
+        if not getattr(optimizer, "last_step_skipped", False):
+            return
+        step = int(state.timestamp.batch)
+        logger.log_metrics({"train/skipped_steps": optimizer.skipped_steps})
+        if self.mode == "skip":
+            log.warning("step %d: non-finite loss or gradient (norm %s); the update was skipped", step,
+                        optimizer.last_grad_norm)
+            return
+        path = self.saver.save(state)
+        self.saver.finish(state)
+        msg = (f"step {step}: non-finite loss or gradient (gradient norm {optimizer.last_grad_norm}). The update was "
+               f"not applied; the last good weights are checkpointed in {path}. Lower the learning rate, check the "
+               "data, or set train.nonfinite=skip to step over such batches.")
+        log.error(msg)
+        raise NonFiniteStop(EXIT_NONFINITE)
