@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     from composer.utils import dist
 
     from dip_scale.train.build import build_trainer, device_type
+    from dip_scale.train.callbacks.checkpoint import finish_uploads
     from dip_scale.train.callbacks.nonfinite import NonFiniteStop
     from dip_scale.train.callbacks.preemption import Preempted
 
@@ -77,6 +78,14 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if int(trainer.state.timestamp.batch) >= recipe.train.max_steps:
+        # A rerun (or a requeue) of a finished run: nothing left to train, only uploads to complete.
+        finish_uploads(trainer)
+        trainer.close()
+        if dist.get_global_rank() == 0:
+            print(f"run {recipe.run_name} was already complete at step {int(trainer.state.timestamp.batch)}: "
+                  f"{paths.local_root}")
+        return 0
     try:
         trainer.fit()
     except (Preempted, NonFiniteStop) as stop:

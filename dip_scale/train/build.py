@@ -24,7 +24,8 @@ from dip_scale.train.callbacks.metrics import TrainMetrics
 from dip_scale.train.callbacks.nonfinite import NonFiniteGuard
 from dip_scale.train.callbacks.preemption import PreemptionCheckpoint
 from dip_scale.train.callbacks.sample_grid import SampleGrid
-from dip_scale.train.checkpoints import find_resume_checkpoint
+from dip_scale.train.callbacks.sample_log import SampleLog
+from dip_scale.train.checkpoints import fetch_checkpoint, resume_candidates
 from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
 from dip_scale.train.module import DiPComposerModel
 from dip_scale.train.optim import GuardedAdamW
@@ -122,13 +123,19 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
     if not recipe.checkpoint.resume:
         return None
     store = open_store(paths.remote) if paths.remote else None
-    found = None
-    if dist.get_local_rank() == 0:
-        found = find_resume_checkpoint(paths.local_root, store)
-    # Global rank 0 decides; the other nodes' local rank 0 already fetched the same newest intact one.
-    found = dist.all_gather_object(found)[0]
-    dist.barrier()
-    return found
+    lead = dist.get_local_rank() == 0  # fetches for its node
+    candidates = resume_candidates(paths.local_root, store) if dist.get_global_rank() == 0 else None
+    for step in dist.all_gather_object(candidates)[0]:
+        # Node after node: where the nodes share the folder, the first fetch serves the others.
+        path = None
+        for node in range(dist.get_world_size() // dist.get_local_world_size()):
+            if lead and dist.get_node_rank() == node:
+                path = fetch_checkpoint(paths.local_root, store, step)
+            dist.barrier()
+        fetched = [p for p in dist.all_gather_object((lead, path)) if p[0]]
+        if all(p is not None for _, p in fetched):
+            return step, fetched[0][1]
+    return None
 
 
 def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
@@ -176,6 +183,8 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         NonFiniteGuard(recipe.train.nonfinite, saver),
         PreemptionCheckpoint(saver),
     ]
+    if recipe.logging.sample_ids:  # first: the steps that end in a checkpoint and an exit are recorded too
+        callbacks.insert(0, SampleLog(paths.local_root))
     if recipe.logging.sample_every:
         callbacks.append(SampleGrid(model, recipe.logging.sample_every, sorted(set(classes)), image_size,
                                     SamplerConfig(**{**sampler.__dict__, "steps": recipe.logging.sample_steps}),

@@ -2,9 +2,10 @@
 
 A run's checkpoints live in `<root>/checkpoints/step-<step>/` (root: a local folder, and the same
 layout under s3:// when the save folder is remote). Each holds Composer's checkpoint (`state.pt`, or
-`sharded/` for FSDP and DeepSpeed) and, written last, `manifest.json` with the size and SHA-256 of every
-file. A checkpoint without a manifest is incomplete and never loaded; `<root>/latest` names the newest
-committed checkpoint (a hint: the manifests are the truth).
+`sharded/` for FSDP; under DeepSpeed `state.pt` without weights plus the engine's `deepspeed/`) and,
+written last, `manifest.json` with the size and SHA-256 of every file. A checkpoint without a manifest is
+incomplete and never loaded; `<root>/latest` names the newest committed checkpoint (a hint: the manifests
+are the truth).
 
 Resume picks the newest checkpoint that verifies (every file present with the right checksum), locally
 or, failing that, in the remote store, and falls back to older ones with a warning.
@@ -17,7 +18,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,16 @@ def write_manifest(folder: Path, step: int, files: dict[str, dict], load: str, m
     tmp.replace(folder / MANIFEST)
 
 
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def _check_manifest(manifest) -> str | None:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "load" not in manifest:
+        return "malformed manifest"
+    return None
+
+
 def verify_local(folder: Path) -> str | None:
     """None when the checkpoint folder is complete and intact, else the reason it is not."""
     mpath = folder / MANIFEST
@@ -63,8 +73,10 @@ def verify_local(folder: Path) -> str | None:
         return "no manifest (incomplete checkpoint)"
     try:
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"unreadable manifest ({err})"
+    if reason := _check_manifest(manifest):
+        return reason
     for name, info in manifest["files"].items():
         p = folder / name
         if not p.is_file():
@@ -78,11 +90,11 @@ def verify_local(folder: Path) -> str | None:
 
 def load_target(folder: Path) -> str:
     """What to hand to Composer's load_path: the state file or the sharded folder."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    return str(folder / manifest["load"])
+    return str(folder / read_manifest(folder)["load"])
 
 
 def local_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-N folder, complete or not, newest first."""
     base = root / CHECKPOINTS
     if not base.is_dir():
         return []
@@ -92,13 +104,18 @@ def local_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def _download(store, name: str, dest: Path) -> str | None:
     """Fetch a remote checkpoint into dest and verify it; None on success, else the reason."""
-    text = store.read_text(f"{CHECKPOINTS}/{name}/{MANIFEST}")
-    if text is None:
-        return "no manifest in the remote store (incomplete upload)"
-    manifest = json.loads(text)
     tmp = dest.with_name(dest.name + ".download")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        text = store.read_text(f"{CHECKPOINTS}/{name}/{MANIFEST}")
+        if text is None:
+            return "no manifest in the remote store (incomplete upload)"
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"unreadable manifest ({err})"
+        if reason := _check_manifest(manifest):
+            return reason
         for rel in manifest["files"]:
             store.download(f"{CHECKPOINTS}/{name}/{rel}", tmp / rel)
     except Exception as err:  # a missing object or an unreachable store: try an older checkpoint
@@ -114,29 +131,39 @@ def _download(store, name: str, dest: Path) -> str | None:
     return None
 
 
+def resume_candidates(local_root: Path, store=None) -> list[int]:
+    """Steps that may be resumed from, newest first: local step-N folders and remote ones (unverified)."""
+    steps = {s for s, _ in local_checkpoints(local_root)}
+    if store is not None:
+        try:
+            steps |= {s for name in store.list_dirs(CHECKPOINTS) if (s := step_of(name)) is not None}
+        except Exception as err:
+            log.warning("cannot list checkpoints in %s (%s); resuming from local checkpoints only", store.url, err)
+    return sorted(steps, reverse=True)
+
+
+def fetch_checkpoint(local_root: Path, store, step: int) -> str | None:
+    """The load path of checkpoint `step` once it is intact under local_root (verified there, or downloaded
+    and verified); None, with a warning naming what is wrong, when neither copy is intact."""
+    folder = local_root / CHECKPOINTS / checkpoint_name(step)
+    if folder.is_dir():
+        reason = verify_local(folder)
+        if reason is None:
+            return load_target(folder)
+        log.warning("skipping local checkpoint %s: %s", folder, reason)
+    if store is not None:
+        reason = _download(store, checkpoint_name(step), folder)
+        if reason is None:
+            return load_target(folder)
+        log.warning("skipping remote checkpoint %s/%s/%s: %s", store.url, CHECKPOINTS, checkpoint_name(step), reason)
+    return None
+
+
 def find_resume_checkpoint(local_root: Path, store=None) -> tuple[int, str] | None:
     """(step, load path) of the newest intact checkpoint, downloading it when only the store has it.
 
     Broken candidates are skipped with a warning naming what is wrong; None means start fresh."""
-    local = dict(local_checkpoints(local_root))
-    remote: dict[int, str] = {}
-    if store is not None:
-        try:
-            for name in store.list_dirs(CHECKPOINTS):
-                if (s := step_of(name)) is not None:
-                    remote[s] = name
-        except Exception as err:
-            warnings.warn(f"cannot list checkpoints in {store.url} ({err}); resuming from local checkpoints only")
-    for step in sorted(set(local) | set(remote), reverse=True):
-        if step in local:
-            reason = verify_local(local[step])
-            if reason is None:
-                return step, load_target(local[step])
-            warnings.warn(f"skipping local checkpoint {local[step]}: {reason}")
-        if step in remote:
-            dest = local_root / CHECKPOINTS / remote[step]
-            reason = _download(store, remote[step], dest)
-            if reason is None:
-                return step, load_target(dest)
-            warnings.warn(f"skipping remote checkpoint {store.url}/{CHECKPOINTS}/{remote[step]}: {reason}")
+    for step in resume_candidates(local_root, store):
+        if (path := fetch_checkpoint(local_root, store, step)) is not None:
+            return step, path
     return None

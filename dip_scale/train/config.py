@@ -171,6 +171,8 @@ class LoggingConfig:
     sample_steps: int = 50
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    sample_ids: bool = False
+    """Append the sample ids of every step to <run>/samples_seen.jsonl (each rank; for data-order checks)."""
 
 
 @dataclass

@@ -2,12 +2,16 @@
 
 Saving (every `every` steps, at the end of training, and on demand from the preemption and non-finite
 callbacks):
-  1. every rank writes its part with Composer's checkpoint writer into `step-N.tmp/`;
+  1. every rank writes its part into `step-N.tmp/` with the saver's writer (Composer's checkpoint writer,
+     or under deepspeed the engine's, see train/deepspeed.py);
   2. the ranks exchange sizes and SHA-256 of what they wrote; rank 0 writes `manifest.json` last and
-     renames the folder to `step-N/`: only then is the checkpoint complete locally;
+     renames the folder to `step-N/`: only then is the checkpoint complete locally (on a multi-node job
+     whose local folders are not shared, every node does the same with its own part);
   3. with a remote save folder, each rank uploads its own files in a background thread, retrying with
      backoff while the store is unreachable (loudly, without stopping training); once all ranks agree
      their files are up, rank 0 uploads the manifest and then `latest`: only then is it complete remotely.
+A start with a remote save folder also uploads the local checkpoints that a previous process saved but
+could not upload (store down, grace period over), newest remote one first.
 Retention keeps the newest `keep_last` checkpoints plus milestones, and never deletes a local checkpoint
 that is not yet uploaded.
 """
@@ -28,8 +32,7 @@ from composer.utils import dist
 from composer.utils.checkpoint import _save_checkpoint
 
 from dip_scale.train.checkpoints import (CHECKPOINTS, LATEST, MANIFEST, checkpoint_name, describe_files,
-                                         local_checkpoints, step_of, write_manifest)
-from dip_scale.train.storage import StoreUnavailable
+                                         local_checkpoints, read_manifest, step_of, verify_local, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class _Uploader:
         self.queue: queue.Queue = queue.Queue()
         self.uploaded_step = -1  # newest step whose files from this rank are all up
         self.unavailable = False
+        self.pinned: set[int] = set()  # local checkpoints being caught up: retention must not delete them
         self.thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self.thread.start()
 
@@ -51,6 +55,10 @@ class _Uploader:
 
     def commit(self, step: int, folder: Path, keep_last: int, milestones: set[int]):
         self.queue.put(("commit", step, folder, (keep_last, milestones)))
+
+    def catch_up(self, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
+        self.pinned.update(s for s, _ in steps)
+        self.queue.put(("catch_up", -1, None, (steps, keep_last, milestones)))
 
     def idle(self) -> bool:
         return self.queue.unfinished_tasks == 0
@@ -65,7 +73,7 @@ class _Uploader:
                         log.warning("checkpoint store %s is reachable again; uploads caught up", self.store.url)
                     self.unavailable = False
                     break
-                except (StoreUnavailable, OSError) as err:
+                except Exception as err:  # noqa: BLE001  (an uploader that dies would fail silently)
                     if not self.unavailable:
                         log.error("CHECKPOINT STORE UNREACHABLE (%s): training continues, checkpoints are kept "
                                   "locally and will be uploaded when the store is back", err)
@@ -73,28 +81,64 @@ class _Uploader:
                     time.sleep(self.retry_pause)
             self.queue.task_done()
 
-    def _do(self, kind: str, step: int, folder: Path, extra):
-        name = checkpoint_name(step)
+    def _do(self, kind: str, step: int, folder: Path | None, extra):
         if kind == "files":
             for rel in extra:
-                self.store.upload(folder / rel, f"{CHECKPOINTS}/{name}/{rel}")
+                self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
             self.uploaded_step = step
-            return
-        # commit: the manifest makes the remote checkpoint complete; `latest` follows it.
+        elif kind == "commit":
+            self._commit(step, folder, *extra)
+        else:
+            self._catch_up(*extra)
+
+    def _commit(self, step: int, folder: Path, keep_last: int, milestones: set[int]):
+        # The manifest makes the remote checkpoint complete; `latest` follows it.
+        name = checkpoint_name(step)
         self.store.upload(folder / MANIFEST, f"{CHECKPOINTS}/{name}/{MANIFEST}")
         self.store.write_text(LATEST, name)
-        keep_last, milestones = extra
         steps = sorted((s, d) for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None)
         older = [(s, d) for s, d in steps if s <= step][:-keep_last]
         for s, d in older:
             if s not in milestones:
                 self.store.delete_dir(f"{CHECKPOINTS}/{d}")
 
+    def _catch_up(self, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
+        """Upload complete local checkpoints newer than the newest complete remote one, oldest first."""
+        remote = [s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None]
+        newest = max((s for s in remote if self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/{MANIFEST}")
+                      is not None), default=-1)
+        for step, folder in sorted(steps):
+            if step > newest and verify_local(folder) is None:
+                log.warning("uploading checkpoint %s, which an earlier process could not upload", folder)
+                for rel in read_manifest(folder)["files"]:
+                    self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
+                self._commit(step, folder, keep_last, milestones)
+            self.pinned.discard(step)
+
+
+class ComposerWriter:
+    """Composer's checkpoint writer: `state.pt` from rank 0, or `sharded/` from every rank under FSDP."""
+
+    def write(self, state: State, tmp: Path) -> tuple[list[str], str]:
+        """Write into `tmp`; return the files this rank wrote (relative to tmp) and what load_path names."""
+        rank = dist.get_global_rank()
+        sharded = state.fsdp_sharded_state_dict_enabled
+        target = tmp / "sharded" / f"__{rank}_0.distcp" if sharded else tmp / "state.pt"
+        written = _save_checkpoint(state, str(target))  # ends with a barrier
+        mine = []
+        if written is not None:
+            mine = [str(Path(written).relative_to(tmp))]
+            if sharded and rank == 0:
+                mine.append("sharded/.metadata")
+        return mine, "sharded" if sharded else "state.pt"
+
 
 class CheckpointSaver(Callback):
     def __init__(self, local_root: str | Path, store=None, every: int = 5000, keep_last: int = 3,
-                 milestones: list[int] | None = None, config_yaml: str = "", upload_timeout: float = 600.0):
+                 milestones: list[int] | None = None, config_yaml: str = "", upload_timeout: float = 600.0,
+                 writer=None):
         self.local_root = Path(local_root)
+        self.writer = writer or ComposerWriter()  # what goes into a checkpoint (train/deepspeed.py has its own)
         self.store = store
         self.every = every
         self.keep_last = keep_last
@@ -109,8 +153,7 @@ class CheckpointSaver(Callback):
     # -- events -------------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger):
-        if self.store is not None and self.uploader is None:
-            self.uploader = _Uploader(self.store)
+        self.start_uploads()
 
     def batch_end(self, state: State, logger: Logger):
         step = int(state.timestamp.batch)
@@ -124,6 +167,14 @@ class CheckpointSaver(Callback):
 
     # -- saving -------------------------------------------------------------------------------------
 
+    def start_uploads(self):
+        """Start this rank's uploader; rank 0 queues the local checkpoints an earlier process left unuploaded."""
+        if self.store is None or self.uploader is not None:
+            return
+        self.uploader = _Uploader(self.store)
+        if dist.get_global_rank() == 0:
+            self.uploader.catch_up(local_checkpoints(self.local_root), self.keep_last, self.milestones)
+
     def save(self, state: State) -> Path:
         """Write a complete local checkpoint of the current step (idempotent per step)."""
         step = int(state.timestamp.batch)
@@ -132,31 +183,27 @@ class CheckpointSaver(Callback):
             return final
         tmp = final.with_name(final.name + ".tmp")
         rank = dist.get_global_rank()
-        if rank == 0:
+        if dist.get_local_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        sharded = state.fsdp_sharded_state_dict_enabled
-        target = tmp / "sharded" / f"__{rank}_0.distcp" if sharded else tmp / "state.pt"
-        written = _save_checkpoint(state, str(target))  # ends with a barrier
-        mine = []
-        if written is not None:
-            mine = [str(Path(written).relative_to(tmp))]
-            if sharded and rank == 0:
-                mine.append("sharded/.metadata")
+        mine, load = self.writer.write(state, tmp)
         if rank == 0:
             (tmp / "recipe.yaml").write_text(self.config_yaml)
             mine.append("recipe.yaml")
         files = {}
         for part in dist.all_gather_object(describe_files(tmp, mine)):
             files.update(part)
+        meta = {"world_size": dist.get_world_size()}
         if rank == 0:
-            write_manifest(tmp, step, files, load="sharded" if sharded else "state.pt",
-                           meta={"world_size": dist.get_world_size()})
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            self._complete(tmp, final, step, files, load, meta)
             if self.store is None:
-                (self.local_root / LATEST).write_text(final.name)
+                _write_atomic(self.local_root / LATEST, final.name)
         dist.barrier()
+        if dist.get_world_size() > dist.get_local_world_size():
+            # Other nodes: when their local folder is their own, their part is still in step-N.tmp/.
+            if dist.get_local_rank() == 0 and rank != 0 and tmp.is_dir():
+                self._complete(tmp, final, step, files, load, meta)
+            dist.barrier()
         self.saved.append(step)
         self.last_saved_step = step
         if self.uploader is not None:
@@ -166,6 +213,12 @@ class CheckpointSaver(Callback):
         self._prune_local()
         log.info("checkpoint saved: %s", final)
         return final
+
+    @staticmethod
+    def _complete(tmp: Path, final: Path, step: int, files: dict, load: str, meta: dict):
+        write_manifest(tmp, step, files, load=load, meta=meta)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
 
     def sync_uploads(self, state: State):
         """Agree across ranks which checkpoints are fully uploaded, and let rank 0 commit them. Collective,
@@ -190,24 +243,44 @@ class CheckpointSaver(Callback):
         if self.uploader is None:
             return
         deadline = time.monotonic() + (self.upload_timeout if timeout is None else timeout)
-        while time.monotonic() < deadline:
+        while True:
             self.sync_uploads(state)
-            # The decision to stop must be the same on every rank: agree on it.
-            flag = torch.tensor([1 if (self.agreed >= self.last_saved_step and self.uploader.idle()) else 0])
-            flag = state.device.tensor_to_device(flag)
-            dist.all_reduce(flag, reduce_operation="MIN")
-            if int(flag.item()):
+            # Done, or out of time: decided together, or a rank would wait alone in the next collective.
+            flags = torch.tensor([int(self.agreed < self.last_saved_step or not self.uploader.idle()),
+                                  int(time.monotonic() >= deadline)])
+            flags = state.device.tensor_to_device(flags)
+            dist.all_reduce(flags, reduce_operation="MAX")
+            pending, late = (int(f) for f in flags.tolist())
+            if not pending:
                 return
+            if late:
+                break
             time.sleep(0.5)
-        log.error("CHECKPOINT UPLOAD NOT FINISHED within %.0fs: the newest checkpoint is only in %s; the next "
-                  "start on this machine resumes from it and uploads it", self.upload_timeout, self.local_root)
+        log.error("CHECKPOINT UPLOAD NOT FINISHED within %.0fs: the newest checkpoints are only in %s; the next "
+                  "start there resumes from them and uploads them", self.upload_timeout if timeout is None else timeout,
+                  self.local_root)
 
     def _prune_local(self):
         if dist.get_local_rank() != 0:
             return
         existing = local_checkpoints(self.local_root)
         newest = {s for s, _ in existing[: self.keep_last]}
+        pinned = self.uploader.pinned if self.uploader is not None else set()
         for step, folder in existing:
-            if step in newest or step in self.milestones or step > self.agreed:
+            if step in newest or step in self.milestones or step > self.agreed or step in pinned:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def finish_uploads(trainer) -> None:
+    """For a run that has nothing left to train: upload what an earlier process could not, and wait."""
+    for callback in trainer.state.callbacks:
+        if isinstance(callback, CheckpointSaver):
+            callback.start_uploads()
+            callback.finish(trainer.state)

@@ -1,0 +1,121 @@
+"""Rerunning the same command resumes, and a run interrupted any number of times ends bitwise equal to one
+that never was: model, EMA and optimizer state (fp32 on CPU), the loss of every step, and the samples of
+every step (each epoch sees each sample exactly once).
+
+Interruptions happen at a random step: SIGKILL (resume from the last periodic checkpoint) and SIGTERM (the
+trainer checkpoints at the end of the step and exits 75; resume from exactly there). With the save folder
+in S3 every rerun happens on a fresh machine folder, so only S3 holds the checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.train.runs import (EVERY, KEEP_LAST, MILESTONE, RUN_NAME, STEPS, assert_bitwise_equal,
+                              assert_each_epoch_once, checkpoint_state, data_args, losses, run, samples_by_step, start)
+
+pytestmark = pytest.mark.slow
+
+EXIT_PREEMPTED = 75
+
+
+def resumed_from(log: str) -> int | None:
+    found = re.findall(rf"resuming {RUN_NAME} from step (\d+)", log)
+    return int(found[-1]) if found else None
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return sorted(int(d.name[5:]) for d in (run_dir / "checkpoints").glob("step-*") if (d / "manifest.json").is_file())
+
+
+def assert_same_as_straight(straight: Path, *run_dirs: Path) -> None:
+    assert_bitwise_equal(checkpoint_state(run_dirs[-1], STEPS)["model"], checkpoint_state(straight, STEPS)["model"],
+                         "model and EMA")
+    assert_bitwise_equal(checkpoint_state(run_dirs[-1], STEPS)["optimizers"],
+                         checkpoint_state(straight, STEPS)["optimizers"], "optimizer state")
+    expected = samples_by_step(straight)
+    assert_each_epoch_once(expected, STEPS)
+    assert samples_by_step(*run_dirs) == expected
+    assert losses(*run_dirs) == losses(straight)
+
+
+def test_killed_and_terminated_run_equals_uninterrupted(tmp_path, epoch_shards, straight_run):
+    rng = random.Random()
+    args = data_args(epoch_shards, tmp_path / "ckpt")
+    run_dir = tmp_path / "ckpt" / RUN_NAME
+
+    # SIGKILL after the first periodic checkpoint: the steps since it are lost and redone.
+    first = start(tmp_path / "1", args, run_dir)
+    kill_at = first.wait_step(rng.randint(EVERY + 1, STEPS - 4))
+    first.signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    newest = max(complete_steps(run_dir))
+    assert newest % EVERY == 0 and newest <= kill_at + 1
+
+    # SIGTERM: a checkpoint of the step in progress, exit 75.
+    second = start(tmp_path / "2", args, run_dir)
+    term_at = second.wait_step(rng.randint(newest + 1, STEPS - 2))
+    second.signal(signal.SIGTERM)
+    assert second.wait() == EXIT_PREEMPTED, second.log()
+    log = second.log()
+    assert resumed_from(log) == newest, log
+    preempted = int(re.search(r"preempted at step (\d+)", log).group(1))
+    assert term_at <= preempted < STEPS and preempted in complete_steps(run_dir), log
+
+    third = run(tmp_path / "3", args, run_dir)
+    assert resumed_from(third.log()) == preempted
+    assert_same_as_straight(straight_run, run_dir)
+
+    # Rerunning a finished run is a no-op, not an error.
+    again = run(tmp_path / "4", args, run_dir)
+    assert "already complete" in again.log()
+    # Retention: the newest KEEP_LAST plus the milestone.
+    assert complete_steps(run_dir) == sorted({MILESTONE, *complete_steps(run_dir)[-KEEP_LAST:]})
+    assert len(complete_steps(run_dir)) == KEEP_LAST + 1
+
+
+def remote_steps(s3_server, url: str) -> dict[int, bool]:
+    """step -> whether its remote checkpoint is complete (has its manifest)."""
+    out: dict[int, bool] = {}
+    for key in s3_server.list_keys(f"{url}/{RUN_NAME}/checkpoints/"):
+        folder, _, name = key.split("/checkpoints/")[1].partition("/")
+        step = int(folder[5:])
+        out[step] = out.get(step, False) or name == "manifest.json"
+    return out
+
+
+def test_resume_from_s3_on_fresh_machine_folders(tmp_path, epoch_shards, straight_run, s3_server, s3_url):
+    """Each (re)start gets a new, empty machine folder: the run lives on through S3 alone."""
+    rng = random.Random()
+
+    def args(machine: str) -> list[str]:
+        return data_args(epoch_shards, s3_url, tmp_path / machine)
+
+    # Machine a: SIGTERM -> checkpoint, uploaded before the exit.
+    a = start(tmp_path / "a-log", args("a"), tmp_path / "a" / RUN_NAME)
+    a.wait_step(rng.randint(2, EVERY + 2))
+    a.signal(signal.SIGTERM)
+    assert a.wait() == EXIT_PREEMPTED, a.log()
+    preempted = int(re.search(r"preempted at step (\d+)", a.log()).group(1))
+    assert remote_steps(s3_server, s3_url).get(preempted), a.log()
+
+    # Machine b: resumes from S3, then dies (SIGKILL) after its next periodic checkpoint.
+    b = start(tmp_path / "b-log", args("b"), tmp_path / "b" / RUN_NAME)
+    b.wait_step(rng.randint((preempted // EVERY + 1) * EVERY + 1, STEPS - 2))
+    b.signal(signal.SIGKILL)
+    assert b.wait() == -signal.SIGKILL
+    assert resumed_from(b.log()) == preempted, b.log()
+    # Whatever b managed to commit (its periodic checkpoint, unless the kill came first) is where c goes on.
+    newest = max(s for s, complete in remote_steps(s3_server, s3_url).items() if complete)
+
+    # Machine c: resumes from the newest complete checkpoint in S3 and finishes.
+    c = run(tmp_path / "c-log", args("c"), tmp_path / "c" / RUN_NAME)
+    assert resumed_from(c.log()) == newest, c.log()
+    assert_same_as_straight(straight_run, *(tmp_path / m / RUN_NAME for m in "abc"))
+    # Remote retention: the newest KEEP_LAST plus the milestone, all complete.
+    assert remote_steps(s3_server, s3_url) == {MILESTONE: True, STEPS - EVERY: True, STEPS: True}
