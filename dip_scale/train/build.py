@@ -13,6 +13,7 @@ import torch
 from composer import Trainer
 from composer.utils import dist
 
+from dip_scale.diffusion.ema import local_tensors
 from dip_scale.diffusion.flow import FlowMatching
 from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.models.dip import build_model
@@ -154,9 +155,16 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
     parallelism = parallel.prepare(model, recipe, device)
 
-    o = recipe.optim
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    ds = None
+    if recipe.parallelism.strategy == "deepspeed":
+        from dip_scale.train.deepspeed import initialize
+
+        ds = initialize(model, recipe, device)  # the engine, and the model/optimizer/writer Composer drives
+        optimizer = ds.optimizer
+    else:
+        o = recipe.optim
+        trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     if dist.get_global_rank() == 0:
         paths.local_root.mkdir(parents=True, exist_ok=True)
@@ -165,10 +173,13 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     resume = resolve_resume(recipe, paths)
     if resume is not None:
         log.warning("resuming %s from step %d (%s)", recipe.run_name, resume[0], resume[1])
+        if ds is not None:
+            ds.load(resume[1])  # weights, EMA and optimizer; Composer's load_path brings the rest
 
     c = recipe.checkpoint
     saver = CheckpointSaver(paths.local_root, open_store(paths.remote) if paths.remote else None, every=c.every,
-                            keep_last=c.keep_last, milestones=c.milestones, config_yaml=to_yaml(recipe))
+                            keep_last=c.keep_last, milestones=c.milestones, config_yaml=to_yaml(recipe),
+                            writer=ds.writer if ds else None)
     image_size = tuple(recipe.data.image_size)
     s = recipe.sampler
     sampler = SamplerConfig(steps=s.steps, method=s.method, guidance_scale=s.guidance_scale,
@@ -176,7 +187,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     classes = recipe.logging.sample_classes or [round(i * (net_config.num_classes - 1) / 7) for i in range(8)]
     callbacks = [
         EpochSeed(model),
-        EMAUpdate(model, recipe.ema_decay),
+        EMAUpdate(model, recipe.ema_decay, tensors=ds.ema_tensors if ds else local_tensors),
         TrainMetrics(net_config, image_size, recipe.train.global_batch_size, recipe.logging.log_every,
                      paths.local_root),
         saver,
@@ -194,7 +205,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     loggers = [lg for lg in [wandb_logger(recipe, paths)] if lg is not None]
 
     trainer = Trainer(
-        model=model,
+        model=ds.model if ds else model,
         train_dataloader=build_dataloader(recipe, per_rank),
         max_duration=f"{recipe.train.max_steps}ba",
         optimizers=optimizer,

@@ -118,7 +118,12 @@ class FSDPConfig:
 @dataclass
 class DeepSpeedConfig:
     stage: int = 2
+    """ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)."""
     offload_optimizer: bool = False
+    """Keep the optimizer state (and its update) in CPU memory; stage 2 or 3."""
+    param_persistence_threshold: int = 100_000
+    """Stage 3: parameters with at most this many elements stay whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold); saves gathering many tiny tensors."""
 
 
 @dataclass
@@ -289,6 +294,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _one_of(source, "parallelism.deepspeed.stage", p.deepspeed.stage, (1, 2, 3))
     if p.deepspeed.offload_optimizer and p.strategy == "deepspeed" and p.deepspeed.stage == 1:
         raise ConfigError(f"{source}: parallelism.deepspeed.offload_optimizer needs stage 2 or 3")
+    if p.deepspeed.param_persistence_threshold < 0:
+        raise ConfigError(f"{source}: parallelism.deepspeed.param_persistence_threshold must be >= 0")
     if not 0.0 <= recipe.ema_decay < 1.0:
         raise ConfigError(f"{source}: ema_decay must be in [0, 1), got {recipe.ema_decay}")
     if not 0.0 <= recipe.objective.label_dropout < 1.0:
