@@ -1,0 +1,205 @@
+"""Scheduled FID evaluation during training, every `every` steps (recipe: eval.every).
+
+mode "local" (the embedded default): in-process, small N, on the EMA weights. Every rank samples its
+    share (the model's `ema_network()` context, collective for a sharded EMA); rank 0 computes the
+    metrics, writes <run>/eval/step-<N>.n<num_samples>.json, updates the run's table and plot
+    (dip_scale.eval.results) and logs eval/* to Composer's loggers at the current step.
+mode "slurm": rank 0 submits `sbatch cluster/eval_fid.sh <newest checkpoint> <dip-eval args>` for the
+    newest complete checkpoint of the run (<run>/checkpoints/step-N with its manifest) from a background
+    thread, so training never waits; the job id goes to <run>/eval/jobs.jsonl and the job itself appends
+    to the run's table. The run folder must be on a filesystem the job can read, and the checkpoint must
+    outlive the queue wait (make eval steps checkpoint milestones when keep_last is small).
+
+The reference statistics and the Inception network are loaded at fit start, so a missing weights file
+or reference fails the run at once rather than at the first evaluation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from torch.nn.parallel import DistributedDataParallel
+
+from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.generate import check_num_samples, world
+from dip_scale.eval.results import EVAL_DIR, METRICS
+
+log = logging.getLogger(__name__)
+
+MODES = ("local", "slurm")
+
+
+class ScheduledEval(Callback):
+    def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
+                 reference: str | None = None, inception_path: str | None = None,
+                 sampler: SamplerConfig | None = None, run_dir: str | Path = "runs/eval", seed: int = 0,
+                 image_size: tuple[int, int] | None = None, script: str | Path = "cluster/eval_fid.sh",
+                 sbatch_args: list[str] | None = None, eval_args: list[str] | None = None,
+                 cache_dir: str | None = None):
+        if every <= 0:
+            raise ValueError(f"eval.every must be a positive number of steps, got {every}")
+        if mode not in MODES:
+            raise ValueError(f"eval.mode must be one of {MODES}, got {mode!r}")
+        if not reference:
+            raise ValueError("eval.reference is not set: give an ADM reference .npz, a folder or s3:// prefix of "
+                             "MDS shards, or an image folder")
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"eval.num_samples and eval.batch_size must be positive, got {num_samples} and "
+                             f"{batch_size}")
+        self.every, self.mode = every, mode
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.reference, self.inception_path, self.cache_dir = str(reference), inception_path, cache_dir
+        self.sampler = sampler or SamplerConfig()
+        self.run_dir = Path(run_dir)
+        self.image_size = tuple(image_size) if image_size else None
+        self.script = Path(script)
+        self.sbatch_args, self.eval_args = list(sbatch_args or []), list(eval_args or [])
+        self.inception = None
+        self.ref_stats = None
+        self.submitted_step = -1
+        self._threads: list[threading.Thread] = []
+        if mode == "slurm":
+            if not self.script.is_file():
+                raise FileNotFoundError(f"eval.mode=slurm: the job script {self.script} does not exist (run from "
+                                        f"the project root, or pass script=)")
+            if shutil.which("sbatch") is None:
+                raise FileNotFoundError("eval.mode=slurm: sbatch is not on PATH; use eval.mode=local outside Slurm")
+        else:
+            from dip_scale.eval.inception import find_weights
+
+            find_weights(inception_path)  # the error names the file and where it goes
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def fit_start(self, state: State, logger: Logger):
+        check_num_samples(self.num_samples, _network(state).config.num_classes)
+        if self.mode == "local" and self.inception is None:
+            from dip_scale.eval.inception import InceptionFeatures
+            from dip_scale.eval.stats import load_reference
+
+            device = next(_network(state).parameters()).device
+            self.inception = InceptionFeatures(self.inception_path).to(device)
+            self.ref_stats = load_reference(self.reference, self.inception, cache_dir=self.cache_dir,
+                                            progress=world()[0] == 0)
+
+    def batch_end(self, state: State, logger: Logger):
+        step = int(state.timestamp.batch)
+        if step % self.every:
+            return
+        if self.mode == "local":
+            self.evaluate_local(state, logger, step)
+        elif world()[0] == 0:
+            self.submit(step)
+
+    def fit_end(self, state: State, logger: Logger):
+        for t in self._threads:
+            t.join(timeout=120)
+
+    # -- local --------------------------------------------------------------------------------------
+
+    def evaluate_local(self, state: State, logger: Logger, step: int) -> dict | None:
+        from dip_scale.eval.evaluate import EvalSettings, evaluate_model
+        from dip_scale.eval.results import append_to_run, make_record, write_json
+
+        settings = EvalSettings(num_samples=self.num_samples, batch_size=self.batch_size, seed=self.seed,
+                                sampler=self.sampler)
+        image_size = self.image_size or tuple(state.batch_get_item(0).shape[-2:])
+        with _composer_model(state).ema_network() as net:
+            out = evaluate_model(net, self.inception, self.ref_stats, settings,
+                                 device=next(net.parameters()).device, image_size=image_size, progress=False)
+        rank, world_size = world()
+        if rank != 0:
+            return None
+        record = make_record(metrics=out.metrics, settings=settings.describe(), step=step, checkpoint=None,
+                             reference=self.reference, wall_time_s=out.total_s, generation_s=out.generation_s,
+                             images_per_s=out.images_per_s, world_size=world_size,
+                             inception=self.inception.fingerprint, mode="local")
+        write_json(str(self.run_dir / EVAL_DIR / f"step-{step:09d}.n{self.num_samples}.json"), record)
+        append_to_run(self.run_dir, record)
+        logger.log_metrics({f"eval/{m}": record["metrics"][m] for m in METRICS if record["metrics"][m] is not None})
+        log.info("step %d: FID %.4f (N=%d, %.1f s)", step, record["metrics"]["fid"], self.num_samples, out.total_s)
+        return record
+
+    # -- slurm --------------------------------------------------------------------------------------
+
+    def command(self, checkpoint: Path) -> list[str]:
+        s = self.sampler
+        cmd = ["sbatch", "--parsable", *self.sbatch_args, str(self.script), str(checkpoint),
+               "--reference", self.reference, "--num-samples", str(self.num_samples),
+               "--batch-size", str(self.batch_size), "--seed", str(self.seed), "--steps", str(s.steps),
+               "--method", s.method, "--guidance-scale", str(s.guidance_scale),
+               "--guidance-interval", str(s.guidance_interval[0]), str(s.guidance_interval[1]),
+               "--run-dir", str(self.run_dir.resolve())]
+        if self.inception_path:
+            cmd += ["--inception-weights", str(Path(self.inception_path).resolve())]
+        wandb_run = getattr(sys.modules.get("wandb"), "run", None)
+        if wandb_run is not None:  # the job adds its numbers to this training run, at the checkpoint's step
+            cmd += ["--wandb-project", wandb_run.project, "--wandb-run-id", wandb_run.id]
+            if wandb_run.entity:
+                cmd += ["--wandb-entity", wandb_run.entity]
+        return cmd + self.eval_args
+
+    def submit(self, step: int) -> threading.Thread | None:
+        """Submit the newest complete checkpoint not yet submitted, in a background thread."""
+        found = newest_checkpoint(self.run_dir)
+        if found is None or found[0] <= self.submitted_step:
+            log.warning("step %d: no new complete checkpoint under %s to evaluate (newest: %s)", step,
+                        self.run_dir / "checkpoints", found[1] if found else None)
+            return None
+        ck_step, ck_path = found
+        self.submitted_step = ck_step
+        thread = threading.Thread(target=self._sbatch, args=(ck_step, ck_path.resolve()), daemon=True,
+                                  name=f"eval-submit-{ck_step}")
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def _sbatch(self, step: int, checkpoint: Path) -> None:
+        cmd = self.command(checkpoint)
+        entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd,
+                 "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                entry["job_id"] = proc.stdout.strip().split(";")[0]
+                log.info("submitted FID evaluation of %s as Slurm job %s", checkpoint, entry["job_id"])
+            else:
+                entry["error"] = f"sbatch exited with {proc.returncode}: {proc.stderr.strip()}"
+        except (OSError, subprocess.TimeoutExpired) as err:
+            entry["error"] = f"sbatch failed: {err}"
+        if "error" in entry:  # an evaluation that cannot be submitted must not stop training
+            log.error("FID evaluation of %s not submitted: %s", checkpoint, entry["error"])
+        folder = self.run_dir / EVAL_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "jobs.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the newest complete checkpoint (one with its manifest) under <run_dir>/checkpoints."""
+    from dip_scale.train.checkpoints import MANIFEST, local_checkpoints
+
+    for step, folder in local_checkpoints(Path(run_dir)):
+        if (folder / MANIFEST).is_file():
+            return step, folder
+    return None
+
+
+def _composer_model(state: State):
+    model = state.model
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _network(state: State):
+    """The DiP being trained (for its config and device)."""
+    model = _composer_model(state)
+    return getattr(model, "net", model)
