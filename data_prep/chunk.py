@@ -1,7 +1,7 @@
 """Write one chunk: load, crop and encode its items into a fresh part folder, then mark it complete.
 
 The unit of crash safety. A part folder counts only once its done.json exists, and done.json is written
-after Streaming's writer has uploaded every shard and the part's index.json. A chunk found without it is
+after every shard of the part and then the part's index.json are in place. A chunk found without it is
 the remains of a crash: it is deleted and written again from scratch, so a rerun neither duplicates nor
 drops an image. Runs in a worker process; everything it receives is small and picklable.
 """
@@ -22,7 +22,7 @@ from streaming import MDSWriter
 
 from data_prep.errors import PrepError
 from data_prep.sources.base import BadInput, Item, ItemLoader, Problem
-from dip_scale.data.layout import DONE_FILE, IMAGE_COLUMN, LABEL_COLUMN, image_column_encoding, part_name
+from dip_scale.data.layout import DONE_FILE, IMAGE_COLUMN, INDEX_FILE, LABEL_COLUMN, image_column_encoding, part_name
 from dip_scale.data.storage import Folder
 
 SHARD_HASHES = ["sha1", "xxh3_64"]
@@ -99,38 +99,40 @@ def write_chunk(job: ChunkJob, progress: Callable[[int], None]) -> ChunkResult:
     expected_shape = (job.resolution, job.resolution, 3)
 
     with tempfile.TemporaryDirectory(prefix="dip-prep-") as staging:
-        # S3: Streaming stages each shard locally and uploads it while the next one fills.
-        target: str | tuple[str, str] = (os.path.join(staging, part), out.url_of(part)) if out.is_s3 \
-            else out.url_of(part)
-        writer = MDSWriter(out=target, columns=columns, compression=job.compression, hashes=SHARD_HASHES,
+        # S3: stage the part locally, then upload it with this process's one S3 client (Streaming's
+        # uploader builds a new boto3 session per writer, which costs more than writing a small chunk).
+        local_part = os.path.join(staging, part) if out.is_s3 else out.url_of(part)
+        writer = MDSWriter(out=local_part, columns=columns, compression=job.compression, hashes=SHARD_HASHES,
                            size_limit=job.shard_size_limit)
-        try:
-            done_since_report = 0
-            for item in job.items:
-                try:
-                    array = job.loader.load(item, job.resolution)
-                except BadInput as error:
-                    if job.strict:
-                        raise PrepError(f"bad input {item.key!r} (label {item.label}): {error} "
-                                        "(--strict; without it, bad inputs are skipped and reported)") from None
-                    result.skipped.append(Problem(item.key, str(error), item.label))
-                else:
-                    if array.shape != expected_shape or array.dtype != np.uint8:
-                        raise RuntimeError(f"loader returned {array.dtype} {array.shape} for {item.key!r}, "
-                                           f"expected uint8 {expected_shape}")
-                    writer.write({IMAGE_COLUMN: encode_image(array, job.encoding, job.jpeg_quality),
-                                  LABEL_COLUMN: item.label})
-                    result.written += 1
-                    counts[item.label] += 1
-                done_since_report += 1
-                if done_since_report >= 16:
-                    progress(done_since_report)
-                    done_since_report = 0
-        except BaseException:
-            # Leave no half-uploaded part marked in any way; a rerun deletes what is there.
-            writer.cancel_future_jobs()
-            raise
-        writer.finish()  # flushes the last shard, writes index.json, waits for uploads
+        done_since_report = 0
+        for item in job.items:
+            try:
+                array = job.loader.load(item, job.resolution)
+            except BadInput as error:
+                if job.strict:
+                    raise PrepError(f"bad input {item.key!r} (label {item.label}): {error} "
+                                    "(--strict; without it, bad inputs are skipped and reported)") from None
+                result.skipped.append(Problem(item.key, str(error), item.label))
+            else:
+                if array.shape != expected_shape or array.dtype != np.uint8:
+                    raise RuntimeError(f"loader returned {array.dtype} {array.shape} for {item.key!r}, "
+                                       f"expected uint8 {expected_shape}")
+                writer.write({IMAGE_COLUMN: encode_image(array, job.encoding, job.jpeg_quality),
+                              LABEL_COLUMN: item.label})
+                result.written += 1
+                counts[item.label] += 1
+            done_since_report += 1
+            if done_since_report >= 16:
+                progress(done_since_report)
+                done_since_report = 0
+        # An exception above leaves the part without done.json: a rerun deletes and redoes it.
+        writer.finish()  # flushes the last shard and writes the part's index.json
+        if out.is_s3:
+            # Shards first, the part's index after them, done.json (below) last.
+            for shard in writer.shards:
+                stored = (shard["zip_data"] or shard["raw_data"])["basename"]
+                out.upload(os.path.join(local_part, stored), f"{part}/{stored}")
+            out.upload(os.path.join(local_part, INDEX_FILE), f"{part}/{INDEX_FILE}")
         progress(done_since_report)
 
     for shard in writer.shards:

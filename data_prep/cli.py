@@ -69,7 +69,8 @@ def _add_write_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dip-prep", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    description, examples = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(prog="dip-prep", description=description, epilog="examples:\n" + examples,
                                      formatter_class=_FORMATTER)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{write,merge,verify}")
 

@@ -14,7 +14,6 @@ temporary file and deleted after).
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
 import tempfile
 import time
@@ -31,6 +30,7 @@ from streaming.base.hashing import get_hash
 from tqdm import tqdm
 
 from data_prep.merge import prefixed_shard
+from data_prep.workers import worker_context
 from data_prep.parts import describe_chunks, done_chunks, missing_chunks, read_part_indexes, read_plan, read_results
 from dip_scale.data.layout import (DATASET_INFO_FILE, IMAGE_COLUMN, INDEX_FILE, LABEL_COLUMN, image_column_encoding,
                                    part_name, read_dataset_info)
@@ -214,8 +214,7 @@ def verify_dataset(url: str, num_workers: int = 1, progress: bool = True) -> Ver
                 _add(report, class_counts, check)
                 bar.update()
         else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(num_workers, mp_context=worker_context()) as pool:
                 futures = [pool.submit(_check_shard, args[0], shard, *args[1:]) for shard in shards]
                 for future in as_completed(futures):
                     _add(report, class_counts, future.result())

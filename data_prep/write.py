@@ -31,6 +31,7 @@ from data_prep.merge import MergeSummary, merge_dataset
 from data_prep.parts import done_chunks, read_plan, read_results
 from data_prep.plan import Plan, chunks_of_task
 from data_prep.sources.base import Problem, Source
+from data_prep.workers import worker_context
 from dip_scale.data.layout import IMAGE_ENCODINGS, PLAN_FILE, SKIPPED_FILE
 from dip_scale.data.storage import Folder
 
@@ -176,8 +177,7 @@ def _write_chunk_in_worker(job: ChunkJob) -> ChunkResult:
 
 
 def _run_in_pool(jobs: Iterator[ChunkJob], num_workers: int, bar: tqdm) -> list[ChunkResult]:
-    # spawn: workers must not inherit boto3 clients or threads from this process (fork would).
-    context = multiprocessing.get_context("spawn")
+    context = worker_context()
     progress_queue = context.Queue()
     results: list[ChunkResult] = []
     with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,

@@ -125,9 +125,9 @@ class FolderSource(Source):
 
 
 def _find_synset_mapping(root: str) -> str | None:
-    """LOC_synset_mapping.txt / synset_words.txt in root or up to three folders above (Kaggle layout)."""
+    """LOC_synset_mapping.txt / synset_words.txt in root or up to four folders above (Kaggle: ILSVRC/Data/CLS-LOC/train)."""
     directory = root
-    for _ in range(4):
+    for _ in range(5):
         for name in SYNSET_MAPPING_NAMES:
             if os.path.isfile(os.path.join(directory, name)):
                 return os.path.join(directory, name)

@@ -16,11 +16,13 @@ import functools
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Any
 from urllib.parse import urlparse
 
 S3_ENDPOINT_ENV = "S3_ENDPOINT_URL"
+_SINGLE_PUT_LIMIT = 1 << 27
+"""Files up to this size go up in one PUT; boto3's managed transfer (threads, multipart) costs more for them."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,14 +170,31 @@ class Folder:
             return
         path = self._local(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+        # Not mkstemp: its 0600 mode would make shared datasets unreadable to others; open() honours umask.
+        temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            with os.fdopen(fd, "wb") as file:
+            with open(temporary, "wb") as file:
                 file.write(data)
             os.replace(temporary, path)
         except BaseException:
-            os.unlink(temporary)
+            if os.path.exists(temporary):
+                os.unlink(temporary)
             raise
+
+    def upload(self, source: str, name: str) -> None:
+        """Copy the local file `source` to `name`."""
+        if self.is_s3:
+            if os.path.getsize(source) <= _SINGLE_PUT_LIMIT:
+                with open(source, "rb") as file:
+                    s3_client().put_object(Bucket=self.bucket, Key=self._key(name), Body=file)
+            else:
+                s3_client().upload_file(source, self.bucket, self._key(name))
+            return
+        path = self._local(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, path)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=1) + "\n").encode())
