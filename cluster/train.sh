@@ -49,46 +49,8 @@ if [ $# -lt 1 ]; then
 fi
 
 log() { echo "[train.sh $(date '+%F %T')] $*"; }
-
-# Slurm runs a copy of this script from its spool folder: find the original to reach launch_node.sh.
-script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)
-here=$(cd "$(dirname "${script:-$SLURM_SUBMIT_DIR/cluster/train.sh}")" && pwd)
-if [ ! -f "$here/launch_node.sh" ]; then
-  log "error: cannot find launch_node.sh next to the job script ($here)"
-  exit 1
-fi
-
-VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
-if [ -f "$VENV/bin/activate" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
-
 restarts=${SLURM_RESTART_COUNT:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-20}
-NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-if [ "$GPUS_PER_NODE" -lt 1 ]; then GPUS_PER_NODE=1; fi  # no GPU: one CPU rank per node
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-LOG_DIR=${LOG_ROOT:-logs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}/restart-${restarts}
-mkdir -p "$LOG_DIR"
-LOG_DIR=$(cd "$LOG_DIR" && pwd)
-export NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT LOG_DIR
-
-recipe=$1
-shift
-overrides=("$@")
-if [ -n "${RUN_NAME:-}" ]; then
-  overrides+=("run_name=$RUN_NAME")
-fi
-
-log "job $SLURM_JOB_ID restart $restarts (max $MAX_RESTARTS): $NNODES node(s) x $GPUS_PER_NODE rank(s)," \
-    "rendezvous $MASTER_ADDR:$MASTER_PORT, logs in $LOG_DIR"
-if [ "$restarts" -gt "$MAX_RESTARTS" ]; then
-  log "stopping: the job was restarted $restarts times, more than MAX_RESTARTS=$MAX_RESTARTS"
-  exit 1
-fi
 
 # ---- signals: Slurm's warning (USR1) reaches only this shell; pass it on once to every training process
 stop_signal=""
@@ -123,9 +85,49 @@ requeue() {
   fi
   log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $MAX_RESTARTS); it resumes from" \
       "the last checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    log "error: scontrol requeue failed; resubmit the same command to continue from the last checkpoint"
+  fi
   exit 75
 }
+
+# Slurm runs a copy of this script from its spool folder: find the original to reach launch_node.sh.
+script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n1)
+here=$(cd "$(dirname "${script:-$SLURM_SUBMIT_DIR/cluster/train.sh}")" && pwd)
+if [ ! -f "$here/launch_node.sh" ]; then
+  log "error: cannot find launch_node.sh next to the job script ($here)"
+  exit 1
+fi
+
+VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
+if [ -f "$VENV/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+if [ "$GPUS_PER_NODE" -lt 1 ]; then GPUS_PER_NODE=1; fi  # no GPU: one CPU rank per node
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+LOG_DIR=${LOG_ROOT:-logs}/${SLURM_JOB_NAME}-${SLURM_JOB_ID}/restart-${restarts}
+mkdir -p "$LOG_DIR"
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
+export NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT LOG_DIR
+
+recipe=$1
+shift
+overrides=("$@")
+if [ -n "${RUN_NAME:-}" ]; then
+  overrides+=("run_name=$RUN_NAME")
+fi
+
+log "job $SLURM_JOB_ID restart $restarts (max $MAX_RESTARTS): $NNODES node(s) x $GPUS_PER_NODE rank(s)," \
+    "rendezvous $MASTER_ADDR:$MASTER_PORT, logs in $LOG_DIR"
+if [ "$restarts" -gt "$MAX_RESTARTS" ]; then
+  log "stopping: the job was restarted $restarts times, more than MAX_RESTARTS=$MAX_RESTARTS"
+  exit 1
+fi
 
 # ---- check the recipe before starting any node: a bad recipe fails here, once, with the reason
 resolved=$(WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) python -m dip_scale.train "$recipe" "${overrides[@]}" --dry-run)

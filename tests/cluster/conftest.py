@@ -1,0 +1,303 @@
+"""A real one-node Slurm cluster on localhost for the tests of cluster/: munged, slurmctld and slurmd
+started as root from a temporary folder (key, sockets, spool, state, logs and slurm.conf all inside it,
+free ports), and stopped at the end of the session.
+
+Without the binaries (Debian packages slurm-wlm and munge) or without root the tests are skipped with
+the reason, except when DIP_REQUIRE_SLURM=1 (set by .ci/run), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+
+
+def _missing_reason() -> str | None:
+    missing = [b for b in DAEMONS + CLIENTS if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    if missing:
+        return f"Slurm/munge not installed (missing {', '.join(missing)}; apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "the local Slurm daemons must be started as root"
+    return None
+
+
+def _which(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _real_memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 4096
+
+
+class LocalSlurm:
+    """The daemons of a one-node cluster and helpers to submit and watch jobs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.munge_socket = root / "munge" / "munge.socket.2"
+        self.procs: dict[str, subprocess.Popen] = {}
+        # Jobs inherit this environment (sbatch exports it), so scontrol inside a job finds this cluster.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        self.env["SLURM_CONF"] = str(self.conf)
+
+    # -- daemons ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for d in ("munge", "state", "spool", "log"):
+            (self.root / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        (self.root / "plugstack.conf").write_text("")
+        self.conf.write_text(self._slurm_conf())
+        m = self.root / "munge"
+        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
+                               f"--key-file={key}", f"--pid-file={m / 'munged.pid'}",
+                               f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"])
+        self._wait_for(lambda: self.munge_socket.exists(), "munged socket", 20)
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        self._wait_for(lambda: self._run("scontrol", "ping").returncode == 0 and
+                       "UP" in self._run("scontrol", "ping").stdout, "slurmctld", 30)
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
+        self._wait_for(lambda: self.node_state() in ("idle", "mixed", "allocated"), "slurmd to register", 60)
+
+    def stop(self) -> None:
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self._run("scancel", "--full", "--user", "root")  # nothing of ours keeps running after the tests
+        for name in reversed(DAEMONS):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _slurm_conf(self) -> str:
+        mem = max(256, int(_real_memory_mb() * 0.8))
+        root, host = self.root, self.host
+        return "\n".join([
+            "ClusterName=diptest",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            f"StateSaveLocation={root / 'state'}",
+            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmctldPidFile={root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+            f"PlugStackConfig={root / 'plugstack.conf'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SchedulerType=sched/builtin",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` for the whole session
+            "KillWait=30",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/none",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ])
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        out = open(self.root / "log" / f"{name}.stdout", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+
+    def _wait_for(self, ready, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}:\n"
+                                       + self.daemon_logs())
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out waiting for {what}:\n" + self.daemon_logs())
+
+    def daemon_logs(self, tail: int = 30) -> str:
+        parts = []
+        for f in sorted((self.root / "log").iterdir()):
+            lines = f.read_text(errors="replace").splitlines()[-tail:]
+            parts.append(f"--- {f.name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    # -- clients ------------------------------------------------------------------------------------
+
+    def _run(self, *cmd: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True)
+
+    def node_state(self) -> str:
+        r = self._run("sinfo", "-h", "-N", "-o", "%T")
+        return r.stdout.strip().rstrip("*~#").lower() if r.returncode == 0 else ""
+
+    def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> int:
+        r = self._run("sbatch", "--parsable", *args, cwd=cwd, env=env)
+        assert r.returncode == 0, f"sbatch {' '.join(args)} failed: {r.stderr}"
+        return int(r.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, Reason, ...); {} once it is gone."""
+        r = self._run("scontrol", "show", "job", "-o", str(job_id))
+        if r.returncode != 0:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+
+    def array_jobs(self, job_id: int) -> list[dict[str, str]]:
+        r = self._run("scontrol", "show", "job", "-o", str(job_id))
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in r.stdout.splitlines() if line.strip()]
+
+    def scontrol(self, *args: str) -> subprocess.CompletedProcess:
+        return self._run("scontrol", *args)
+
+    def scancel(self, *args: str) -> subprocess.CompletedProcess:
+        return self._run("scancel", *args)
+
+    def wait(self, job_id: int, until=lambda j: j.get("JobState") in FINAL, timeout: float = 300,
+             on_poll=None) -> dict[str, str]:
+        """Poll the job until `until(job)`; `on_poll(job)` runs on every poll (e.g. to release a requeue)."""
+        deadline = time.monotonic() + timeout
+        job: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            if until(job):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} not done within {timeout}s; last state {job}\n" + self.daemon_logs())
+
+    def release_requeued(self, job: dict[str, str]) -> None:
+        """A requeued job waits ~120 s (Reason=BeginTime) before it may start again; start it now."""
+        if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
+            self.scontrol("update", f"jobid={job['JobId']}", "starttime=now")
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = _missing_reason()
+    if reason:
+        if os.environ.get("DIP_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DIP_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training jobs on the tiny CPU recipe
+# ----------------------------------------------------------------------------------------------------
+
+TINY = REPO / "recipes" / "dip_tiny_cpu.yaml"
+TRAIN_SH = REPO / "cluster" / "train.sh"
+# Small enough for two CPU cores, long enough to be preempted in the middle.
+TRAIN_STEPS = 12
+TINY_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "checkpoint.every=4", "logging.log_every=1",
+                  "logging.sample_every=0"]
+
+
+def venv_env() -> dict[str, str]:
+    """What the jobs need to find this interpreter's environment."""
+    return {"VENV": sys.prefix, "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class TrainJob:
+    job_id: int
+    workdir: Path
+    save_folder: Path
+    name: str
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / f"{self.name}-{self.job_id}.out"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.save_folder / "dip-tiny-cpu"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.run_dir / "checkpoints" / f"step-{step:09d}"
+
+
+def submit_train(slurm: LocalSlurm, workdir: Path, shards: Path, name: str, overrides=(), env=None,
+                 sbatch_args=()) -> TrainJob:
+    """sbatch cluster/train.sh with the tiny recipe, as a user would (no GPU: --gpus-per-node=0)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    save = workdir / "runs"
+    job_id = slurm.sbatch("--gpus-per-node=0", f"--job-name={name}", *sbatch_args, str(TRAIN_SH), str(TINY),
+                          f"data.remote={shards}", f"checkpoint.save_folder={save}", *TINY_OVERRIDES, *overrides,
+                          cwd=workdir, env={**venv_env(), **(env or {})})
+    return TrainJob(job_id, workdir, save, name)
+
+
+def model_tensors(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)["state"]["model"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """256 synthetic 32x32 images as local MDS shards (the tiny recipe's data)."""
+    from dip_scale.data import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("data") / "synthetic-32"
+    write_synthetic_shards(str(out), num_images=256, resolution=32, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_job(slurm, shards, tmp_path_factory) -> TrainJob:
+    """An uninterrupted training job, submitted once per session (not waited for here)."""
+    return submit_train(slurm, tmp_path_factory.mktemp("reference"), shards, "ref")
