@@ -68,6 +68,10 @@ def resolve_checkpoint(path: str, cache_dir: str | None = None) -> Path:
 
 
 def _model_state(folder: Path) -> tuple[dict, int]:
+    if (folder / "deepspeed").is_dir():  # the engine holds the weights (see dip_scale/train/deepspeed.py)
+        from dip_scale.train.deepspeed import checkpoint_weights
+
+        return checkpoint_weights(folder)
     if (folder / "state.pt").is_file():
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)["state"]
         return state["model"], int(state["timestamp"]["Timestamp"]["batch"])

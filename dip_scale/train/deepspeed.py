@@ -61,8 +61,6 @@ from torch import nn
 from dip_scale.diffusion.ema import local_tensors
 from dip_scale.train.config import ConfigError, Recipe, check_world_size
 
-log = logging.getLogger(__name__)
-
 CHECKPOINT_DIR = "deepspeed"
 """Sub-folder of a checkpoint that holds the engine's files (`<tag>/...`)."""
 TAG = "zero"
@@ -259,6 +257,22 @@ class DeepSpeedWriter:
         if rank == 0:
             mine.append(COMPOSER_STATE)
         return mine, COMPOSER_STATE
+
+
+def checkpoint_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The whole fp32 model state (`net.*`, `ema_net.*`, ...) and the step of a checkpoint folder, on CPU and
+    without a process group (for sampling, evaluation and tests)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine_dir = folder / CHECKPOINT_DIR
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG, exclude_frozen_parameters=False)
+    # Stage 1 keeps frozen parameters (the EMA) only in rank 0's whole module state.
+    whole = engine_dir / TAG / "mp_rank_00_model_states.pt"
+    if whole.is_file():
+        for name, tensor in torch.load(whole, map_location="cpu", weights_only=False)["module"].items():
+            weights.setdefault(name, tensor)
+    state = torch.load(folder / COMPOSER_STATE, map_location="cpu", weights_only=False)["state"]
+    return weights, int(state["timestamp"]["Timestamp"]["batch"])
 
 
 def load_checkpoint(engine, folder: Path) -> None:
