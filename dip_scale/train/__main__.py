@@ -8,7 +8,8 @@
 
 To resume, run the same command again: the newest intact checkpoint of the run (local, or in the S3
 save folder) is found and training continues from it. Exit status: 0 done, 2 bad recipe or input,
-3 stopped on a non-finite loss, 75 preempted after a checkpoint (requeue and rerun).
+3 stopped on a non-finite loss, 75 preempted after a checkpoint, or the checkpoint store unreachable at
+the start (requeue and rerun).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     from dip_scale.train.build import build_trainer, device_type
     from dip_scale.train.callbacks.checkpoint import finish_uploads
     from dip_scale.train.callbacks.nonfinite import NonFiniteStop
-    from dip_scale.train.callbacks.preemption import Preempted
+    from dip_scale.train.callbacks.preemption import EXIT_PREEMPTED, Preempted
+    from dip_scale.train.storage import StoreUnavailable
 
     try:
         dist.initialize_dist(device_type(recipe))
@@ -78,6 +80,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED  # try again later: a requeue, not a fresh start
     if int(trainer.state.timestamp.batch) >= recipe.train.max_steps:
         # A rerun (or a requeue) of a finished run: nothing left to train, only uploads to complete.
         finish_uploads(trainer)

@@ -30,7 +30,7 @@ from dip_scale.train.checkpoints import fetch_checkpoint, resume_candidates
 from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
 from dip_scale.train.module import DiPComposerModel
 from dip_scale.train.optim import GuardedAdamW
-from dip_scale.train.storage import is_remote, open_store
+from dip_scale.train.storage import StoreUnavailable, is_remote, open_store
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +120,39 @@ def wandb_logger(recipe: Recipe, paths: RunPaths):
 
 
 def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
-    """Newest intact checkpoint, agreed by all ranks; each node fetches it for itself."""
+    """Newest intact checkpoint, agreed by all ranks; each node fetches it for itself. Raises StoreUnavailable on
+    every rank when the store cannot be reached: better no start than one from scratch."""
     if not recipe.checkpoint.resume:
         return None
     store = open_store(paths.remote) if paths.remote else None
     lead = dist.get_local_rank() == 0  # fetches for its node
-    candidates = resume_candidates(paths.local_root, store) if dist.get_global_rank() == 0 else None
-    for step in dist.all_gather_object(candidates)[0]:
+
+    def on_every_rank(results: list) -> list:
+        # A store that is unreachable for one rank stops them all (instead of leaving the others waiting).
+        if errors := [r[-1] for r in results if r[-1]]:
+            raise StoreUnavailable(errors[0])
+        return results
+
+    candidates, error = [], None
+    if dist.get_global_rank() == 0:
+        try:
+            candidates = resume_candidates(paths.local_root, store)
+        except StoreUnavailable as err:
+            error = str(err)
+    candidates = on_every_rank(dist.all_gather_object((candidates, error)))[0][0]
+    for step in candidates:
         # Node after node: where the nodes share the folder, the first fetch serves the others.
-        path = None
+        path, error = None, None
         for node in range(dist.get_world_size() // dist.get_local_world_size()):
             if lead and dist.get_node_rank() == node:
-                path = fetch_checkpoint(paths.local_root, store, step)
+                try:
+                    path = fetch_checkpoint(paths.local_root, store, step)
+                except StoreUnavailable as err:
+                    error = str(err)
             dist.barrier()
-        fetched = [p for p in dist.all_gather_object((lead, path)) if p[0]]
-        if all(p is not None for _, p in fetched):
-            return step, fetched[0][1]
+        fetched = [(p, e) for is_lead, p, e in on_every_rank(dist.all_gather_object((lead, path, error))) if is_lead]
+        if all(p is not None for p, _ in fetched):
+            return step, fetched[0][0]
     return None
 
 

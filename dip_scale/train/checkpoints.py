@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from dip_scale.train.storage import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -118,7 +120,10 @@ def _download(store, name: str, dest: Path) -> str | None:
             return reason
         for rel in manifest["files"]:
             store.download(f"{CHECKPOINTS}/{name}/{rel}", tmp / rel)
-    except Exception as err:  # a missing object or an unreachable store: try an older checkpoint
+    except StoreUnavailable:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise  # says nothing about this checkpoint: an older one would be no better a choice
+    except Exception as err:  # a missing object: try an older checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         return f"download failed ({err})"
     (tmp / MANIFEST).write_text(text)
@@ -132,14 +137,40 @@ def _download(store, name: str, dest: Path) -> str | None:
 
 
 def resume_candidates(local_root: Path, store=None) -> list[int]:
-    """Steps that may be resumed from, newest first: local step-N folders and remote ones (unverified)."""
-    steps = {s for s, _ in local_checkpoints(local_root)}
+    """Steps that may be resumed from, newest first: local step-N folders and remote ones (unverified).
+
+    A store that cannot be listed raises StoreUnavailable unless an intact local checkpoint exists: the run
+    must not start from scratch because the store was briefly unreachable."""
+    local = local_checkpoints(local_root)
+    steps = {s for s, _ in local}
+    names = {checkpoint_name(s) for s in steps}
     if store is not None:
         try:
-            steps |= {s for name in store.list_dirs(CHECKPOINTS) if (s := step_of(name)) is not None}
+            remote = [n for n in store.list_dirs(CHECKPOINTS) if step_of(n) is not None]
         except Exception as err:
-            log.warning("cannot list checkpoints in %s (%s); resuming from local checkpoints only", store.url, err)
+            if not any(verify_local(folder) is None for _, folder in local):
+                raise StoreUnavailable(f"cannot list the checkpoints in {store.url} ({err}) and there is no intact "
+                                       f"local checkpoint in {local_root}: not starting the run from scratch; run "
+                                       "again when the store is reachable") from err
+            log.warning("cannot list the checkpoints in %s (%s); resuming from local checkpoints only", store.url, err)
+        else:
+            steps |= {step_of(n) for n in remote}
+            names |= set(remote)
+            try:
+                _check_latest(store.read_text(LATEST), names, f"{store.url}/{LATEST}")
+            except Exception:  # noqa: BLE001  (a hint; the listing above is what counts)
+                pass
+    if store is None:
+        latest = local_root / LATEST
+        _check_latest(latest.read_text() if latest.is_file() else None, names, str(latest))
     return sorted(steps, reverse=True)
+
+
+def _check_latest(name: str | None, existing: set[str], where: str) -> None:
+    """`latest` is only a hint (the manifests decide); say so when it names a checkpoint that is gone."""
+    if name is not None and name.strip() not in existing:
+        log.warning("%s names %s, which does not exist; resuming from the newest intact checkpoint instead",
+                    where, name.strip())
 
 
 def fetch_checkpoint(local_root: Path, store, step: int) -> str | None:

@@ -23,6 +23,9 @@ class StoreUnavailable(RuntimeError):
     """The remote store could not be reached after all retries."""
 
 
+_LOCAL_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def is_remote(path: str | None) -> bool:
     return bool(path) and str(path).startswith("s3://")
 
@@ -58,20 +61,26 @@ class S3Store:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def _call(self, what: str, fn, *args, **kwargs):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         delay = self.retry.base_delay
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 return fn(*args, **kwargs)
-            except ClientError as err:
-                code = err.response.get("Error", {}).get("Code", "")
-                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403") or status in (403, 404):
-                    raise
-                reason = f"{code or status}"
-            except (BotoCoreError, OSError) as err:
-                reason = type(err).__name__
+            except _LOCAL_ERRORS:
+                raise  # the local file, not the store: retrying cannot help
+            except (ClientError, BotoCoreError, OSError, S3UploadFailedError) as err:
+                # upload_file wraps the client's error (throttling included) in S3UploadFailedError.
+                cause = err.__context__ if isinstance(err, S3UploadFailedError) and err.__context__ else err
+                if isinstance(cause, ClientError):
+                    code = cause.response.get("Error", {}).get("Code", "")
+                    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403") or status in (403, 404):
+                        raise
+                    reason = f"{code or status}"
+                else:
+                    reason = type(cause).__name__
             if attempt == self.retry.attempts:
                 raise StoreUnavailable(f"{what} on {self.url} failed after {attempt} attempts ({reason})")
             log.warning("%s on %s failed (%s); retry %d/%d in %.1fs", what, self.url, reason, attempt,
@@ -117,14 +126,18 @@ class S3Store:
 
     def list_files(self, rel: str) -> list[str]:
         """All keys below rel, relative to rel."""
+        return list(self.file_sizes(rel))
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Size in bytes of every object below rel, by its key relative to rel."""
         prefix = self._key(rel).rstrip("/") + "/"
-        out, token = [], None
+        out, token = {}, None
         while True:
             kwargs = dict(Bucket=self.bucket, Prefix=prefix)
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call(f"list {rel}", self.client.list_objects_v2, **kwargs)
-            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            out.update((o["Key"][len(prefix):], int(o["Size"])) for o in page.get("Contents", []))
             if not page.get("IsTruncated"):
                 return out
             token = page["NextContinuationToken"]
@@ -171,8 +184,11 @@ class LocalStore:
         return sorted(d.name for d in p.iterdir() if d.is_dir()) if p.is_dir() else []
 
     def list_files(self, rel: str) -> list[str]:
+        return sorted(self.file_sizes(rel))
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
         p = self.root / rel
-        return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        return {str(f.relative_to(p)): f.stat().st_size for f in p.rglob("*") if f.is_file()} if p.is_dir() else {}
 
     def delete_dir(self, rel: str) -> None:
         shutil.rmtree(self.root / rel, ignore_errors=True)

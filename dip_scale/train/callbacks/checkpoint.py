@@ -18,6 +18,7 @@ that is not yet uploaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import shutil
@@ -33,12 +34,15 @@ from composer.utils.checkpoint import _save_checkpoint
 
 from dip_scale.train.checkpoints import (CHECKPOINTS, LATEST, MANIFEST, checkpoint_name, describe_files,
                                          local_checkpoints, read_manifest, step_of, verify_local, write_manifest)
+from dip_scale.train.storage import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class _Uploader:
-    """One background thread per rank that uploads checkpoint files in order, never giving up."""
+    """One background thread per rank that uploads checkpoint files in order. An unreachable store is retried
+    without end (loudly); any other failure (a local file gone, access denied) skips that item with an error,
+    so that one bad checkpoint cannot hold back the later ones."""
 
     def __init__(self, store, retry_pause: float = 10.0):
         self.store = store
@@ -51,69 +55,85 @@ class _Uploader:
         self.thread.start()
 
     def files(self, step: int, folder: Path, names: list[str]):
-        self.queue.put(("files", step, folder, names))
+        self.queue.put(("files", step, (folder, names)))
 
-    def commit(self, step: int, folder: Path, keep_last: int, milestones: set[int]):
-        self.queue.put(("commit", step, folder, (keep_last, milestones)))
+    def commit(self, step: int, manifest: str, keep_last: int, milestones: set[int]):
+        """Queue the commit of `step`, given its manifest's text (the local folder may be pruned before)."""
+        self.queue.put(("commit", step, (manifest, keep_last, milestones)))
 
     def catch_up(self, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
         self.pinned.update(s for s, _ in steps)
-        self.queue.put(("catch_up", -1, None, (steps, keep_last, milestones)))
+        self.queue.put(("catch_up", -1, (steps, keep_last, milestones)))
 
     def idle(self) -> bool:
         return self.queue.unfinished_tasks == 0
 
     def _run(self):
         while True:
-            item = self.queue.get()
+            kind, step, args = self.queue.get()
             while True:
                 try:
-                    self._do(*item)
-                    if self.unavailable:
-                        log.warning("checkpoint store %s is reachable again; uploads caught up", self.store.url)
-                    self.unavailable = False
-                    break
-                except Exception as err:  # noqa: BLE001  (an uploader that dies would fail silently)
+                    getattr(self, f"_{kind}")(step, *args)
+                except StoreUnavailable as err:
                     if not self.unavailable:
                         log.error("CHECKPOINT STORE UNREACHABLE (%s): training continues, checkpoints are kept "
                                   "locally and will be uploaded when the store is back", err)
                     self.unavailable = True
                     time.sleep(self.retry_pause)
+                    continue
+                except Exception as err:  # noqa: BLE001  (a dead uploader would fail silently)
+                    log.error("CHECKPOINT UPLOAD FAILED, skipped: %s of step %d (%s: %s)", kind, step,
+                              type(err).__name__, err)
+                    if kind == "files":
+                        self.uploaded_step = step  # its commit will find the files missing and not happen
+                if self.unavailable:
+                    log.warning("checkpoint store %s is reachable again; uploading what was kept locally",
+                                self.store.url)
+                self.unavailable = False
+                break
             self.queue.task_done()
 
-    def _do(self, kind: str, step: int, folder: Path | None, extra):
-        if kind == "files":
-            for rel in extra:
-                self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
-            self.uploaded_step = step
-        elif kind == "commit":
-            self._commit(step, folder, *extra)
-        else:
-            self._catch_up(*extra)
+    def _files(self, step: int, folder: Path, names: list[str]):
+        for rel in names:
+            self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
+        self.uploaded_step = step
 
-    def _commit(self, step: int, folder: Path, keep_last: int, milestones: set[int]):
-        # The manifest makes the remote checkpoint complete; `latest` follows it.
+    def _commit(self, step: int, manifest: str, keep_last: int, milestones: set[int]):
+        """Upload the manifest, which makes the remote checkpoint complete, once every file it names is there
+        with its size; then `latest`; then retention."""
         name = checkpoint_name(step)
-        self.store.upload(folder / MANIFEST, f"{CHECKPOINTS}/{name}/{MANIFEST}")
+        sizes = self.store.file_sizes(f"{CHECKPOINTS}/{name}")
+        wrong = [rel for rel, info in json.loads(manifest)["files"].items() if sizes.get(rel) != info["size"]]
+        if wrong:
+            raise RuntimeError(f"{self.store.url}/{CHECKPOINTS}/{name} lacks {wrong}; not marking it complete")
+        self.store.write_text(f"{CHECKPOINTS}/{name}/{MANIFEST}", manifest)
         self.store.write_text(LATEST, name)
-        steps = sorted((s, d) for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None)
-        older = [(s, d) for s, d in steps if s <= step][:-keep_last]
-        for s, d in older:
-            if s not in milestones:
-                self.store.delete_dir(f"{CHECKPOINTS}/{d}")
+        log.info("checkpoint uploaded: %s/%s/%s", self.store.url, CHECKPOINTS, name)
+        # Retention over the complete checkpoints up to this one; incomplete ones below it are leftovers.
+        steps = sorted(s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None and s <= step)
+        complete = [s for s in steps if s == step or self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/"
+                                                                          f"{MANIFEST}") is not None]
+        for s in steps:
+            if s not in milestones and s not in complete[-keep_last:]:
+                self.store.delete_dir(f"{CHECKPOINTS}/{checkpoint_name(s)}")
 
-    def _catch_up(self, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
+    def _catch_up(self, _, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
         """Upload complete local checkpoints newer than the newest complete remote one, oldest first."""
-        remote = [s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None]
-        newest = max((s for s in remote if self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/{MANIFEST}")
-                      is not None), default=-1)
-        for step, folder in sorted(steps):
-            if step > newest and verify_local(folder) is None:
-                log.warning("uploading checkpoint %s, which an earlier process could not upload", folder)
-                for rel in read_manifest(folder)["files"]:
-                    self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
-                self._commit(step, folder, keep_last, milestones)
-            self.pinned.discard(step)
+        try:
+            remote = [s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None]
+            newest = max((s for s in remote if self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/"
+                                                                    f"{MANIFEST}") is not None), default=-1)
+            for step, folder in sorted(steps):
+                if step > newest and verify_local(folder) is None:
+                    log.warning("uploading checkpoint %s, which an earlier process could not upload", folder)
+                    self._files(step, folder, list(read_manifest(folder)["files"]))
+                    self._commit(step, (folder / MANIFEST).read_text(), keep_last, milestones)
+                self.pinned.discard(step)
+        except StoreUnavailable:
+            raise  # retried: the steps stay pinned
+        except Exception:
+            self.pinned.clear()
+            raise
 
 
 class ComposerWriter:
@@ -233,8 +253,8 @@ class CheckpointSaver(Callback):
             return
         if dist.get_global_rank() == 0:
             for step in (s for s in self.saved if self.agreed < s <= upto):
-                self.uploader.commit(step, self.local_root / CHECKPOINTS / checkpoint_name(step), self.keep_last,
-                                     self.milestones)
+                manifest = (self.local_root / CHECKPOINTS / checkpoint_name(step) / MANIFEST).read_text()
+                self.uploader.commit(step, manifest, self.keep_last, self.milestones)
         self.agreed = upto
         self._prune_local()
 
@@ -261,15 +281,22 @@ class CheckpointSaver(Callback):
                   self.local_root)
 
     def _prune_local(self):
+        """Retention over the complete local checkpoints; incomplete ones and stale `.tmp` folders older
+        than the newest save are leftovers of killed processes."""
         if dist.get_local_rank() != 0:
             return
         existing = local_checkpoints(self.local_root)
-        newest = {s for s, _ in existing[: self.keep_last]}
+        complete = [s for s, folder in existing if (folder / MANIFEST).is_file()]
         pinned = self.uploader.pinned if self.uploader is not None else set()
         for step, folder in existing:
-            if step in newest or step in self.milestones or step > self.agreed or step in pinned:
+            if step in self.milestones or step > self.agreed or step in pinned:
+                continue
+            if step in complete[: self.keep_last] or (step not in complete and step >= self.last_saved_step):
                 continue
             shutil.rmtree(folder, ignore_errors=True)
+        for tmp in (self.local_root / CHECKPOINTS).glob("step-*.tmp"):
+            if (s := step_of(tmp.name[:-4])) is not None and s < self.last_saved_step:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str):

@@ -1,9 +1,14 @@
 """Non-finite loss or gradient: the optimizer already refused the step (train/optim.py); here the run
-either stops with a checkpoint of the last good state and a clear message, or logs and goes on."""
+either stops with a checkpoint of the last good state and a clear message, or logs and goes on.
+
+Test hook: with the environment variable DIP_TEST_NONFINITE_STEP=N, step N's loss is made NaN (on every
+rank), so that the tests can exercise both modes in a real run. Unset, it costs nothing.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -17,10 +22,19 @@ class NonFiniteStop(SystemExit):
     """Training stopped on a non-finite loss or gradient (not a reason to requeue)."""
 
 
+TEST_STEP_ENV = "DIP_TEST_NONFINITE_STEP"
+
+
 class NonFiniteGuard(Callback):
     def __init__(self, mode: str, saver):
         self.mode = mode
         self.saver = saver
+        self.poison_step = int(os.environ.get(TEST_STEP_ENV, "0")) or None
+
+    def after_loss(self, state: State, logger: Logger):
+        if self.poison_step is not None and int(state.timestamp.batch) + 1 == self.poison_step:
+            log.warning("%s=%d: making this step's loss NaN", TEST_STEP_ENV, self.poison_step)
+            state.loss["total"].mul_(float("nan"))  # in place: the tensor Composer backpropagates
 
     def batch_end(self, state: State, logger: Logger):
         optimizer = state.optimizers[0]

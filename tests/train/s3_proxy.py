@@ -1,0 +1,115 @@
+"""A TCP proxy on loopback in front of the test S3 server, whose failures the tests switch on and off.
+
+    with FaultyProxy(s3_server.endpoint_url) as proxy:     # proxy.endpoint_url: give it to the client
+        proxy.set("down")      # connections are accepted and closed at once (what a dead server looks like)
+        proxy.set("stall")     # connections are accepted and held, unanswered, until the mode changes
+        proxy.set("throttle")  # every request is answered 503 SlowDown (S3's throttling)
+        proxy.set("up")        # forwarded again; connections held by "stall" are closed
+
+Switching away from "up" also cuts the connections in flight, so an upload in progress fails mid-way.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import socketserver
+import threading
+from urllib.parse import urlparse
+
+MODES = ("up", "down", "stall", "throttle")
+SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 118\r\n"
+             b"Connection: close\r\n\r\n"
+             b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Reduce your rate"
+             b"</Message></Error>\n")
+
+
+class FaultyProxy:
+    def __init__(self, target_url: str):
+        target = urlparse(target_url)
+        self.target = (target.hostname, target.port)
+        self.mode = "up"
+        self.changed = threading.Condition()
+        self.refused = 0  # connections failed by "down", "stall" or "throttle"
+        self._open: set[socket.socket] = set()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy._handle(self.request)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultyProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.set("up")
+        self.server.shutdown()
+        self.server.server_close()
+
+    def set(self, mode: str) -> None:
+        assert mode in MODES, mode
+        with self.changed:
+            self.mode = mode
+            if mode != "up":
+                for s in list(self._open):
+                    _close(s)
+            self.changed.notify_all()
+
+    # -- connections --------------------------------------------------------------------------------
+
+    def _handle(self, client: socket.socket) -> None:
+        with self.changed:
+            mode = self.mode
+            if mode != "up":
+                self.refused += 1
+        if mode == "down":
+            _close(client)
+        elif mode == "stall":
+            with self.changed:
+                self.changed.wait_for(lambda: self.mode != "stall")
+            _close(client)
+        elif mode == "throttle":
+            client.recv(65536)  # the request line and headers
+            client.sendall(SLOW_DOWN)
+            _close(client)
+        else:
+            self._relay(client)
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            _close(client)
+            return
+        with self.changed:
+            self._open.update((client, upstream))
+        try:
+            while True:
+                readable, _, _ = select.select([client, upstream], [], [], 1.0)
+                for src in readable:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (upstream if src is client else client).sendall(data)
+        except (OSError, ValueError):  # cut by set(): the sockets were closed under us
+            return
+        finally:
+            with self.changed:
+                self._open.difference_update((client, upstream))
+            _close(client)
+            _close(upstream)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
