@@ -5,22 +5,27 @@ next to NNNNNN_barrier, NNNNNN_shard_states, ...). A job killed with its whole p
 OOM killer, node preemption) leaves these blocks behind. A later job that uses the same local folder
 (a requeued Slurm job keeps its job id, hence its cache folder) and runs with another temp folder (Slurm
 often gives each job its own TMPDIR) then fails with "Reused local directory".
-Streaming's own `clean_stale_shared_memory()` removes every block it can open, including those of live
-jobs of the same user on the node, so it is unsafe on shared nodes. Here a prefix is removed only if its
-locals name one of our folders and no process maps any of its blocks (from /proc/*/maps). Blocks are
-created with mode 0600, so only their owner (or root) could map them, and the owner's processes are
-visible in /proc. On systems without /dev/shm and /proc (macOS) this does nothing.
+
+Streaming's own `clean_stale_shared_memory()` removes every block it can open, those of live jobs
+included, so it is unsafe on shared nodes. Whether a block is in use cannot be read from /proc either:
+Streaming maps every block it walks past while choosing a prefix and never lets go. So the dataset's
+owner leaves a record instead: the local leader writes `.streaming-owner.json` (prefix, host, pid and
+the process's start time, against pid reuse) into each remote stream's cache folder. A later dataset on
+the same folder removes the recorded prefix's blocks only if that process is gone and the prefix's
+locals still name the folder. Blocks we do not own cannot be removed (/dev/shm is sticky); on systems
+without /dev/shm (macOS) nothing is done.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
+import socket
 from collections.abc import Iterable
 
 SHM_ROOT = "/dev/shm"
-_LOCALS_NAME = re.compile(r"^(\d{6})_locals$")
+OWNER_FILE = ".streaming-owner.json"
 
 logger = logging.getLogger(__name__)
 
@@ -38,56 +43,64 @@ def _registered_locals(path: str) -> list[str]:
     return data[4:size].decode("utf-8", errors="replace").split("\0")[:-1]
 
 
-def _mapped_shm_names() -> set[str]:
-    """Names of the /dev/shm files any visible process currently maps."""
-    names: set[str] = set()
-    marker = SHM_ROOT + "/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-                for line in maps:
-                    at = line.find(marker)
-                    if at >= 0:
-                        names.add(line[at + len(marker):].rstrip("\n").removesuffix(" (deleted)"))
-        except OSError:  # the process ended, or belongs to another user (who cannot map our blocks)
-            continue
-    return names
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name in (...) may contain spaces
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def record_owner(local_dirs: Iterable[str], prefix: int) -> None:
+    """Record that this process owns Streaming prefix `prefix`, registered for `local_dirs`."""
+    record = {"prefix": prefix, "host": _host(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    for directory in local_dirs:
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f"{OWNER_FILE}.{os.getpid()}")
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(record, file)
+        os.replace(temporary, os.path.join(directory, OWNER_FILE))
+
+
+def _owner_gone(record: dict) -> bool:
+    start = _start_time(int(record["pid"]))
+    return start is None or start != record.get("start")
 
 
 def clean_stale_shared_memory(local_dirs: Iterable[str]) -> list[int]:
-    """Remove stale Streaming shared memory registered for any of `local_dirs`; returns removed prefixes."""
+    """Remove Streaming blocks recorded for `local_dirs` by processes that are gone; returns the prefixes."""
     if not (os.path.isdir(SHM_ROOT) and os.path.isdir("/proc")):
         return []
-    ours = {os.path.abspath(d) for d in local_dirs}
-    uid = os.getuid()
-    candidates = []
-    for name in os.listdir(SHM_ROOT):
-        match = _LOCALS_NAME.match(name)
-        path = os.path.join(SHM_ROOT, name)
-        try:
-            owned = os.stat(path).st_uid == uid
-        except OSError:
-            continue
-        if match and owned and ours.intersection(_registered_locals(path)):
-            candidates.append(match.group(1))
-    if not candidates:
-        return []
-
-    mapped = _mapped_shm_names()
     removed = []
-    everything = os.listdir(SHM_ROOT)
-    for prefix in candidates:
-        blocks = [name for name in everything if name.startswith(prefix + "_")]
-        if any(block in mapped for block in blocks):
-            continue  # a live process uses it: a real conflict, which Streaming will report
-        for block in blocks:
-            try:
-                os.unlink(os.path.join(SHM_ROOT, block))
-            except FileNotFoundError:
-                pass  # another rank of this job removed it first
-        removed.append(int(prefix))
-        logger.warning("removed stale Streaming shared memory %s_* (registered for %s by a job that is gone)",
-                       prefix, sorted(ours))
+    for directory in {os.path.abspath(d) for d in local_dirs}:
+        record_path = os.path.join(directory, OWNER_FILE)
+        try:
+            with open(record_path, encoding="utf-8") as file:
+                record = json.load(file)
+            prefix = int(record["prefix"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no record (or a torn one): nothing we can safely call stale
+        if record.get("host") != _host() or not _owner_gone(record):
+            continue
+        tag = f"{prefix:06d}_"
+        if directory in _registered_locals(os.path.join(SHM_ROOT, f"{tag}locals")):
+            for name in os.listdir(SHM_ROOT):
+                if name.startswith(tag):
+                    try:
+                        os.unlink(os.path.join(SHM_ROOT, name))
+                    except FileNotFoundError:
+                        pass  # another rank of this job removed it first
+            removed.append(prefix)
+            logger.warning("removed stale Streaming shared memory %s* registered for %s by process %s, "
+                           "which is gone", tag, directory, record["pid"])
+        try:
+            os.unlink(record_path)
+        except FileNotFoundError:
+            pass
     return removed

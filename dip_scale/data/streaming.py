@@ -11,8 +11,8 @@ What Streaming gives us and what it asks in return:
 - Resume: Composer checkpoints `dataset.state_dict(samples_in_epoch, True)` and restores it with
   `load_state_dict`; the next epoch then yields exactly the samples not yet seen.
 - `batch_size` is the per-device batch, the one the DataLoader uses.
-- Remote streams are cached under `job_cache_dir()`, one folder per job (see job_cache.py); stale
-  shared memory a killed job left for those folders is removed first (see shared_memory.py).
+- Remote streams are cached under `job_cache_dir()`, one folder per job (see job_cache.py); shared
+  memory that a killed job left registered for those folders is removed first (see shared_memory.py).
 By default images leave the workers as uint8 (4x less host work and transfer than float32); `output="float"`
 gives float32 in [-1, 1] for CPU use.
 """
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from dip_scale.data.job_cache import job_cache_dir
 from dip_scale.data.layout import IMAGE_COLUMN, LABEL_COLUMN, read_dataset_info
-from dip_scale.data.shared_memory import clean_stale_shared_memory
+from dip_scale.data.shared_memory import clean_stale_shared_memory, record_owner
 
 OUTPUTS = ("uint8", "float")
 STREAM_KEYS = ("remote", "local", "proportion", "repeat", "choose")
@@ -99,12 +99,16 @@ class DiPStreamingDataset(StreamingDataset):
         resolved = [self._resolve_stream(i, spec, cache_dir) for i, spec in enumerate(streams)]
         self.infos = [read_dataset_info(spec["remote"] or spec["local"]) for spec in resolved]
         self._check_compatible(resolved)
-        clean_stale_shared_memory(spec["local"] for spec in resolved)
+        # Only cache folders of remote streams: Streaming checks no others, and a local dataset may be read-only.
+        caches = [spec["local"] for spec in resolved if spec["remote"]]
+        clean_stale_shared_memory(caches)
 
         self.output = output
         self.return_index = return_index
         super().__init__(streams=[Stream(**spec) for spec in resolved], batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
+        if self._unique_rank_world.is_local_leader:
+            record_owner(caches, self._shm_prefix_int)
 
     @staticmethod
     def _resolve_stream(number: int, spec: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:

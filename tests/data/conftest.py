@@ -10,11 +10,9 @@ import pytest
 
 from dip_scale.data import write_synthetic_shards
 
-SyntheticFactory = Callable[..., str]
-
 
 @pytest.fixture(scope="session")
-def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticFactory:
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     """`synthetic_dataset(num_images, resolution, encoding, seed=0)` -> path of a merged local dataset.
 
     Datasets are written once per session per argument set and must be treated as read-only.
