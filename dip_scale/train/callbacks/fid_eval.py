@@ -25,6 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.nn.parallel import DistributedDataParallel
@@ -87,7 +88,9 @@ class ScheduledEval(Callback):
             from dip_scale.eval.stats import load_reference
 
             device = next(_network(state).parameters()).device
-            self.inception = InceptionFeatures(self.inception_path).to(device)
+            # Building the network draws its (overwritten) initial weights from the global generator.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.inception = InceptionFeatures(self.inception_path).to(device)
             self.ref_stats = load_reference(self.reference, self.inception, cache_dir=self.cache_dir,
                                             progress=world()[0] == 0)
 

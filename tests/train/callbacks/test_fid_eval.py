@@ -1,0 +1,168 @@
+"""ScheduledEval through the real trainer (the tiny CPU recipe, built by dip_scale.train.build): local mode
+writes results for the expected steps and leaves training unchanged; slurm mode submits
+cluster/eval_fid.sh to a real local Slurm for the newest checkpoint, and the job adds its row."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.cluster.conftest import slurm  # noqa: F401  (the real one-node Slurm fixture)
+from tests.eval.images import blobs, make_test_inception_weights
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = ROOT / "recipes" / "dip_tiny_cpu.yaml"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inception") / "test-inception.pth"
+    make_test_inception_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reference")
+    for i, im in enumerate(blobs(10, 32, seed=7)):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def shards(folder: Path) -> Path:
+    from dip_scale.data import write_synthetic_shards
+
+    write_synthetic_shards(str(folder), 32, 32, seed=0)
+    return folder
+
+
+def train(tmp: Path, overrides: list[str]):
+    """The tiny recipe through build_trainer + fit, in this process; returns the run folder."""
+    from composer.utils import dist
+
+    from dip_scale.train.build import build_trainer
+    from dip_scale.train.config import load_recipe
+
+    recipe = load_recipe(TINY, [f"data.remote={shards(tmp / 'data')}", f"checkpoint.save_folder={tmp / 'runs'}",
+                                f"train.max_steps={STEPS}", "logging.sample_every=0", "train.global_batch_size=8",
+                                "sampler.steps=2", "sampler.guidance_scale=1.5", *overrides])
+    dist.initialize_dist("cpu")
+    trainer, paths = build_trainer(recipe)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+        del trainer
+        gc.collect()  # lets Streaming release the data folder's shared memory
+    return paths.local_root
+
+
+def eval_overrides(reference: Path, weights: Path, mode: str = "local", every: int = 2) -> list[str]:
+    return [f"eval.every={every}", f"eval.mode={mode}", "eval.num_samples=10", "eval.batch_size=5",
+            f"eval.reference={reference}", f"eval.inception_path={weights}"]
+
+
+def final_net(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / f"step-{STEPS:09d}" / "state.pt", map_location="cpu",
+                       weights_only=False)["state"]["model"]
+    return {k: v for k, v in state.items() if k.startswith(("net.", "ema_net."))}
+
+
+def test_local_mode_writes_results_for_the_expected_steps_and_leaves_training_alone(tmp_path, reference,
+                                                                                     inception_weights):
+    run = train(tmp_path / "with", [f"checkpoint.every={STEPS}", *eval_overrides(reference, inception_weights)])
+    folder = run / "eval"
+    for step in (2, 4):
+        record = json.loads((folder / f"step-{step:09d}.n10.json").read_text())
+        assert record["step"] == step and record["mode"] == "local" and record["num_samples"] == 10
+        assert record["sampler"]["steps"] == 2 and record["sampler"]["guidance_scale"] == 1.5
+        assert record["metrics"]["fid"] > 0 and record["metrics"]["sfid"] > 0
+    lines = (folder / "results.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["2", "4"]
+    assert (folder / "fid_vs_step.png").stat().st_size > 1000
+    assert "| 2 | 10 |" in (folder / "results.md").read_text()
+
+    # Sampling the EMA mid-training draws no random numbers from the training streams.
+    plain = train(tmp_path / "without", [f"checkpoint.every={STEPS}"])
+    with_eval, without = final_net(run), final_net(plain)
+    assert with_eval.keys() == without.keys()
+    for key in with_eval:
+        assert torch.equal(with_eval[key], without[key]), key
+
+
+def test_bad_settings_fail_before_training(tmp_path, reference, inception_weights, monkeypatch):
+    from dip_scale.train.callbacks.fid_eval import ScheduledEval
+
+    with pytest.raises(ValueError, match="eval.every must be a positive"):
+        ScheduledEval(every=0, reference=str(reference))
+    with pytest.raises(ValueError, match="eval.reference is not set"):
+        ScheduledEval(every=2, reference=None)
+    with pytest.raises(ValueError, match="eval.mode must be one of"):
+        ScheduledEval(every=2, mode="cloud", reference=str(reference))
+    with pytest.raises(FileNotFoundError, match="the job script .*nope.sh does not exist"):
+        ScheduledEval(every=2, mode="slurm", reference=str(reference), script=tmp_path / "nope.sh")
+    monkeypatch.delenv("DIP_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
+        ScheduledEval(every=2, reference=str(reference))
+    # N must split evenly over the model's classes: checked when the Trainer starts, before any step
+    from composer import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dip_scale.diffusion.flow import FlowMatching
+    from dip_scale.models import build_model
+    from dip_scale.train.module import DiPComposerModel
+
+    model = DiPComposerModel(build_model("DiP-tiny/16"), FlowMatching(num_classes=10), seed=0)
+    data = TensorDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                         torch.arange(4))
+    callback = ScheduledEval(every=2, num_samples=15, reference=str(reference), inception_path=str(inception_weights))
+    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=2), max_duration="2ba",
+                      callbacks=[callback], device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match=r"number of samples \(15\) must be divisible by the number of classes"):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_mode_submits_eval_fid_for_the_newest_checkpoint(slurm, tmp_path, reference, inception_weights,  # noqa: F811
+                                                                 monkeypatch):
+    from dip_scale.eval.inception import InceptionFeatures
+    from dip_scale.eval.stats import load_reference
+
+    load_reference(str(reference), InceptionFeatures(inception_weights), progress=False)  # cached for the jobs
+    # Submit from a scratch folder (job logs land there) that sees the project's cluster/ scripts.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "cluster").symlink_to(ROOT / "cluster")
+    monkeypatch.chdir(work)
+    for key, value in {**slurm.env, "VENV": sys.prefix, "SBATCH_GPUS_PER_NODE": "0",
+                       "PYTHONPATH": str(ROOT)}.items():
+        monkeypatch.setenv(key, value)
+
+    t0 = time.monotonic()
+    run = train(tmp_path, ["checkpoint.every=2", *eval_overrides(reference, inception_weights, mode="slurm")])
+    assert time.monotonic() - t0 < 120, "submitting must not hold training up"
+    jobs = [json.loads(line) for line in (run / "eval" / "jobs.jsonl").read_text().splitlines()]
+    assert [(j["step"], Path(j["checkpoint"]).name) for j in jobs] == [(2, "step-000000002"), (4, "step-000000004")]
+    assert all("error" not in j for j in jobs), jobs
+    assert jobs[1]["command"][:4] == ["sbatch", "--parsable", "cluster/eval_fid.sh", jobs[1]["checkpoint"]]
+    for j in jobs:
+        state = slurm.wait(int(j["job_id"]), timeout=600)
+        log = work / f"dip-eval-{j['job_id']}.out"
+        assert state["JobState"] == "COMPLETED", log.read_text() if log.exists() else state
+    rows = [line.split(",") for line in (run / "eval" / "results.csv").read_text().splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("2", "10"), ("4", "10")]
+    record = json.loads(Path(f"{jobs[1]['checkpoint']}.eval-n10.json").read_text())
+    assert record["step"] == 4 and record["mode"] == "dip-eval" and record["metrics"]["fid"] > 0
+    assert record["sampler"] == {"steps": 2, "method": "euler", "guidance_scale": 1.5,
+                                 "guidance_interval": [0.1, 1.0]}
