@@ -426,21 +426,35 @@ def memory_section(bench: Bench) -> None:
 
 def variants_section(bench: Bench) -> None:
     """Candidate optimisations applied from outside the model (docs/perf_log.md), eager, vs the plain loop."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     p = bench.plan
     flops = 3 * bench.forward_flops
     s = p.step_settings()
-    for name, kwargs in (("plain", {}), ("fused AdamW", {"fused_adamw": True}),
-                         ("channels-last head", {"channels_last_head": True})):
-        if name == "fused AdamW" and not p.gpu:
-            continue  # fused AdamW is a CUDA kernel (CPU support varies by torch version)
-        runner = CheckedBareLoop(s, **kwargs)
-        runner.run(1, 1)
-        rates = [s.batch * p.steps / runner.run(p.warmup, p.steps) for _ in range(max(1, p.rounds - 1))]
+    variants = [("plain", {}, contextlib.nullcontext), ("channels-last head", {"channels_last_head": True},
+                                                         contextlib.nullcontext)]
+    if p.gpu:  # CUDA kernels
+        variants += [("fused AdamW", {"fused_adamw": True}, contextlib.nullcontext),
+                     ("cuDNN attention", {}, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION))]
+    for name, kwargs, context in variants:
+        try:
+            with context():
+                runner = CheckedBareLoop(s, **kwargs)
+                diff = runner.rel_diff
+                runner.run(1, 1)
+                rates = [s.batch * p.steps / runner.run(p.warmup, p.steps) for _ in range(max(1, p.rounds - 1))]
+            del runner
+        except Exception as err:  # a backend this card or torch lacks: note it, go on with the others
+            bench.row("variants", f"bare eager, {name}", note=f"{type(err).__name__}: {str(err)[:60]}")
+            bench.errors.append(f"variants {name}: {type(err).__name__}: {err}")
+            continue
+        finally:
+            free_memory()
         img_s = statistics.median(rates)
         bench.row("variants", f"bare eager, {name}", img_s, bench.mfu(img_s, flops), s.batch / img_s,
-                  rel_diff=runner.rel_diff if kwargs else None, note=f"rounds {', '.join(f'{r:.1f}' for r in rates)}")
-        del runner
-        free_memory()
+                  rel_diff=None if name == "plain" else diff, note=f"rounds {', '.join(f'{r:.1f}' for r in rates)}")
 
 
 # ----------------------------------------------------------------------------------------------------

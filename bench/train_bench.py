@@ -370,6 +370,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:7]))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when there is one (then the GPU defaults below apply)")
     p.add_argument("--preset", default=None, help="model preset (default DiP-tiny/16 on CPU, DiP-XL/16 on GPU)")
     p.add_argument("--image-size", type=int, default=None, help="pixels (default 64 on CPU, 256 on GPU)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 16 on CPU, 64 on GPU)")
@@ -390,8 +392,9 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    gpu = torch.cuda.is_available()
-    s = StepSettings(preset=a.preset or ("DiP-XL/16" if gpu else "DiP-tiny/16"),
+    gpu = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    s = StepSettings(device_kind="cuda" if gpu else "cpu",
+                     preset=a.preset or ("DiP-XL/16" if gpu else "DiP-tiny/16"),
                      image_size=a.image_size or (256 if gpu else 64), batch=a.batch or (64 if gpu else 16),
                      compile=a.compile, activation_checkpointing=a.activation_checkpointing,
                      overrides={"detailer_head": a.detailer_head} if a.detailer_head else {})
