@@ -90,6 +90,18 @@ def default_autocast(device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
+def sample_batch(net: nn.Module, start: int, batch_size: int, *, num_classes: int, seed: int,
+                 sampler: SamplerConfig, image_size: tuple[int, int], device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of samples start .. start + batch_size - 1: (labels (B,), uint8 images (B, H, W, 3))."""
+    indices = range(start, start + batch_size)
+    noise = sample_noise(indices, (3, *image_size), seed, device)  # (B, 3, H, W)
+    labels = class_labels(indices, num_classes).to(device)  # (B,)
+    x = sample(net, noise, labels, sampler, null_class=num_classes, autocast_dtype=autocast_dtype)
+    return labels, to_uint8(x)
+
+
+@torch.no_grad()
 def generate(model: nn.Module, *, num_samples: int, seed: int, sampler: SamplerConfig, batch_size: int,
              device: str | torch.device, image_size: tuple[int, int] = (256, 256),
              autocast_dtype: torch.dtype | None | str = "auto", compile_model: bool = False,
@@ -103,18 +115,17 @@ def generate(model: nn.Module, *, num_samples: int, seed: int, sampler: SamplerC
     if autocast_dtype == "auto":
         autocast_dtype = default_autocast(device)
     net = torch.compile(model, dynamic=False) if compile_model else model
-    h, w = image_size
     bar = tqdm(total=plan.count(rank), unit="img", disable=not progress or rank != 0, dynamic_ncols=True,
                desc=f"sampling (rank 0 of {world_size}, {num_samples} in all)" if world_size > 1 else "sampling")
     with bar:
         for start, end in plan.batches(rank):
-            padded = range(start, start + batch_size)  # indices >= N only fill the last batch
-            noise = sample_noise(padded, (3, h, w), seed, device)  # (B, 3, H, W)
-            labels = class_labels(padded, num_classes).to(device)  # (B,)
-            x = sample(net, noise, labels, sampler, null_class=num_classes, autocast_dtype=autocast_dtype)
+            # a short last batch is filled up with indices >= N (computed, dropped): one shape throughout
+            labels, images = sample_batch(net, start, batch_size, num_classes=num_classes, seed=seed,
+                                          sampler=sampler, image_size=tuple(image_size), device=device,
+                                          autocast_dtype=autocast_dtype)
             n = end - start
             bar.update(n)
-            yield Batch(torch.arange(start, end), labels[:n].cpu(), to_uint8(x[:n]))
+            yield Batch(torch.arange(start, end), labels[:n].cpu(), images[:n])
 
 
 # ----------------------------------------------------------------------------------------------------
