@@ -3,7 +3,8 @@
     python bench/data_bench.py                          # 200 images, 256 px: about a minute on a laptop
     python bench/data_bench.py --num-images 1000 --resolution 512 --workers 8
 
-What is timed, all in one process with one thread (so the rate is per core):
+What is timed, in one process with one thread, in CPU seconds of that process (so rates are per core and
+hold on a busy machine too):
   baseline   open each original JPEG with PIL, decode it, ADM centre crop, to a uint8 CHW tensor: what a
              loader over the raw ImageNet folder does for every sample of every epoch
   jpeg/png/raw   DiPStreamingDataset over local shards written by dip-prep (read, decode the stored
@@ -22,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -47,27 +47,28 @@ def make_originals(root: Path, num_images: int) -> list[Path]:
 
 
 def time_baseline(paths: list[Path], resolution: int) -> float:
-    started = time.perf_counter()
+    started = time.process_time()
     for path in paths:
         with Image.open(path) as image:
             image.load()
             torch.from_numpy(adm_center_crop(image, resolution)).permute(2, 0, 1)
-    return len(paths) / (time.perf_counter() - started)
+    return len(paths) / (time.process_time() - started)
 
 
 def time_shards(dataset_dir: str) -> float:
     dataset = DiPStreamingDataset(local=dataset_dir, batch_size=1)
     for index in range(min(8, dataset.num_samples)):  # warm the page cache and the decoders
         dataset[index]
-    started = time.perf_counter()
+    started = time.process_time()
     for index in range(dataset.num_samples):
         dataset[index]
-    rate = dataset.num_samples / (time.perf_counter() - started)
+    rate = dataset.num_samples / (time.process_time() - started)
     del dataset
     return rate
 
 
 def time_loader(dataset_dir: str, workers: int) -> float:
+    """Wall-clock images/s through a DataLoader with `workers` processes (not per core)."""
     loader = build_dataloader(local=dataset_dir, batch_size=32, num_workers=workers, drop_last=False,
                               persistent_workers=False)
     next(iter(loader))  # worker start-up is not throughput
@@ -98,17 +99,17 @@ def main() -> None:
         source = FolderSource(str(root / "originals"))
         for encoding in args.encodings.split(","):
             out = str(root / encoding)
-            started = time.perf_counter()
+            started = time.process_time()
             write_dataset(source, out, WriteOptions(resolution=args.resolution, encoding=encoding,
                                                     jpeg_quality=args.jpeg_quality, progress=False))
-            write_rate = args.num_images / (time.perf_counter() - started)
+            write_rate = args.num_images / (time.process_time() - started)
             stored = sum(f.stat().st_size for f in Path(out).glob("part-*/shard.*")) / args.num_images
             loader_rate = time_loader(out, args.workers) if args.workers else None
             rows.append((encoding, stored, write_rate, time_shards(out), loader_rate))
 
     cpu = os.cpu_count()
-    print(f"\n{args.num_images} images, {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} JPEG originals -> {args.resolution} px, "
-          f"1 thread ({cpu} CPU cores on this machine)")
+    print(f"\n{args.num_images} images, {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} JPEG originals -> {args.resolution} px; "
+          f"rates per CPU second of one thread ({cpu} CPU cores on this machine)")
     header = f"{'encoding':<26} {'KB/image':>9} {'write img/s':>12} {'read img/s/core':>16} {'vs baseline':>12}"
     if args.workers:
         header += f" {f'{args.workers}-worker img/s':>16}"

@@ -30,10 +30,17 @@ from streaming.base.hashing import get_hash
 from tqdm import tqdm
 
 from data_prep.merge import prefixed_shard
-from data_prep.workers import worker_context
 from data_prep.parts import describe_chunks, done_chunks, missing_chunks, read_part_indexes, read_plan, read_results
-from dip_scale.data.layout import (DATASET_INFO_FILE, IMAGE_COLUMN, INDEX_FILE, LABEL_COLUMN, image_column_encoding,
-                                   part_name, read_dataset_info)
+from data_prep.workers import worker_context
+from dip_scale.data.layout import (
+    DATASET_INFO_FILE,
+    IMAGE_COLUMN,
+    INDEX_FILE,
+    LABEL_COLUMN,
+    image_column_encoding,
+    part_name,
+    read_dataset_info,
+)
 from dip_scale.data.storage import Folder
 
 
@@ -163,7 +170,8 @@ def _check_structure(folder: Folder, info: dict[str, Any], index: dict[str, Any]
         report.problems.append(f"{INDEX_FILE} holds {report.num_samples} samples, {DATASET_INFO_FILE} says "
                                f"{info['num_samples']}")
     if info.get("num_shards") is not None and len(shards) != info["num_shards"]:
-        report.problems.append(f"{INDEX_FILE} lists {len(shards)} shards, {DATASET_INFO_FILE} says {info['num_shards']}")
+        report.problems.append(f"{INDEX_FILE} lists {len(shards)} shards, {DATASET_INFO_FILE} says "
+                               f"{info['num_shards']}")
     expected_columns = {IMAGE_COLUMN: image_column_encoding(info["encoding"], info["resolution"]), LABEL_COLUMN: "int"}
     for shard in shards:
         columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
@@ -187,7 +195,8 @@ def _check_structure(folder: Folder, info: dict[str, Any], index: dict[str, Any]
     indexes = read_part_indexes(folder, chunks)
     expected = [prefixed_shard(s, part_name(c)) for c in chunks for s in indexes[c].get("shards", [])]
     if expected != shards:
-        report.problems.append(f"{INDEX_FILE} is not the merge of the parts' indexes: run `dip-prep merge {folder.url}`")
+        report.problems.append(f"{INDEX_FILE} is not the merge of the parts' indexes: "
+                               f"run `dip-prep merge {folder.url}`")
 
 
 def verify_dataset(url: str, num_workers: int = 1, progress: bool = True) -> VerifyReport:

@@ -69,7 +69,8 @@ class WriteOptions:
         if not 1 <= self.jpeg_quality <= 100:
             raise PrepError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         if self.compression and not is_compression(self.compression):
-            raise PrepError(f"--compression {self.compression!r} is not one Streaming knows (e.g. zstd, zstd:7, gz, br)")
+            raise PrepError(f"--compression {self.compression!r} is not one Streaming knows "
+                            "(e.g. zstd, zstd:7, gz, br)")
         if self.chunk_size <= 0:
             raise PrepError(f"--chunk-size must be positive, got {self.chunk_size}")
         if self.num_workers <= 0:
@@ -96,6 +97,7 @@ class WriteSummary:
     images_written: int = 0
     """Images in this task's complete chunks (all runs)."""
     images_this_run: int = 0
+    """Inputs processed (written or skipped) by this run."""
     skipped: list[Problem] = field(default_factory=list)
     source_problems: list[Problem] = field(default_factory=list)
     bytes: int = 0
@@ -115,8 +117,8 @@ class WriteSummary:
             f"dip-prep write: task {self.task_index} of {self.num_tasks} done in {self.seconds:,.1f} s -> {self.out}",
             f"  chunks      {self.chunks_written:,} written now, {self.chunks - self.chunks_written:,} already complete"
             f" ({self.chunks:,} for this task)",
-            f"  images      {self.images_written:,} written ({self.images_this_run:,} by this run), "
-            f"{len(self.skipped):,} skipped",
+            f"  images      {self.images_written:,} written, {len(self.skipped):,} skipped "
+            f"({self.images_this_run:,} processed by this run)",
             f"  shards      {self.shards:,}, {self.bytes / 1e6:,.1f} MB",
             f"  throughput  {rate:,.1f} images/s ({rate / self.num_workers:,.1f} per worker, "
             f"{self.num_workers} workers)",
@@ -225,6 +227,8 @@ def write_dataset(source: Source, out_url: str, options: WriteOptions) -> WriteS
     started = time.perf_counter()
     out = Folder(out_url)
     plan = make_plan(source, options)
+    if plan.num_items == 0:
+        raise PrepError(f"the source has no images (source problems: {len(source.problems)})")
     _agree_on_plan(out, plan)
 
     mine = chunks_of_task(plan.num_chunks, options.task_index, options.num_tasks)

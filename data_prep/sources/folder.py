@@ -125,7 +125,10 @@ class FolderSource(Source):
 
 
 def _find_synset_mapping(root: str) -> str | None:
-    """LOC_synset_mapping.txt / synset_words.txt in root or up to four folders above (Kaggle: ILSVRC/Data/CLS-LOC/train)."""
+    """LOC_synset_mapping.txt or synset_words.txt in root or up to four folders above it.
+
+    Four: the Kaggle download keeps the mapping next to ILSVRC/, the train folder in ILSVRC/Data/CLS-LOC/train.
+    """
     directory = root
     for _ in range(5):
         for name in SYNSET_MAPPING_NAMES:

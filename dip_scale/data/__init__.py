@@ -33,7 +33,18 @@ _EXPORTS = {
     "synthetic_image": "dip_scale.data.synthetic",
     "write_synthetic_shards": "dip_scale.data.synthetic",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "DiPStreamingDataset",
+    "adm_center_crop",
+    "build_dataloader",
+    "clean_stale_shared_memory",
+    "images_to_float",
+    "job_cache_dir",
+    "read_dataset_info",
+    "synthetic_image",
+    "write_synthetic_shards",
+]
 
 
 def __getattr__(name: str) -> Any:

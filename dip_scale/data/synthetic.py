@@ -182,7 +182,9 @@ def write_synthetic_shards(
 ) -> WriteSummary:
     """Write `num_images` synthetic images as a merged MDS dataset at `out` (a folder or s3:// URL).
 
-    The same code path as `dip-prep write synthetic`; rerunning it into the same `out` resumes.
+    The same code path as `dip-prep write synthetic`; rerunning it into the same `out` resumes. With
+    num_workers > 1 the caller's main module must be import-safe (`if __name__ == "__main__":`), as for
+    any multiprocessing.
     """
     # The writer belongs to the dip-prep package, which itself imports this module for its synthetic
     # source; importing it here, at call time, keeps `dip_scale.data` free of an import cycle.

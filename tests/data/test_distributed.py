@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from dip_scale.data import build_dataloader
 
 REPO = Path(__file__).resolve().parents[2]

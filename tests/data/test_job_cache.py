@@ -38,7 +38,8 @@ def test_folder_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # Each "rank" prints the folder it would use; the script stands in for a launcher (composer, torchrun).
-_RANK = "import json, sys; from dip_scale.data.job_cache import job_cache_dir; print(json.dumps(job_cache_dir(sys.argv[1])))"
+_RANK = ("import json, sys; from dip_scale.data.job_cache import job_cache_dir; "
+         "print(json.dumps(job_cache_dir(sys.argv[1])))")
 _LAUNCHER = """
 import json, os, subprocess, sys
 env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "DIP_JOB_ID")}

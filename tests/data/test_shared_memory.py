@@ -18,8 +18,13 @@ import pytest
 from streaming.base.constant import LOCALS
 from streaming.base.shared.prefix import _check_and_find
 
-from dip_scale.data.shared_memory import (OWNER_FILE, SHM_ROOT, _registered_locals, clean_stale_shared_memory,
-                                          record_owner)
+from dip_scale.data.shared_memory import (
+    OWNER_FILE,
+    SHM_ROOT,
+    _registered_locals,
+    clean_stale_shared_memory,
+    record_owner,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +38,8 @@ if sys.argv[3] == "hang":
     time.sleep(600)
 """
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_ROOT) or not os.path.isdir("/proc"), reason="needs /dev/shm and /proc")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_ROOT) or not os.path.isdir("/proc"),
+                                reason="needs /dev/shm and /proc")
 
 
 def _prefixes_registered_for(local: str) -> list[int]:
@@ -77,7 +83,7 @@ def test_killed_job_does_not_break_the_next(synthetic_dataset: Callable[..., str
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp-second"))
     lower_taken = all(os.path.exists(os.path.join(SHM_ROOT, f"{p:06d}_{LOCALS}")) for p in range(prefix))
     if lower_taken:
-        with pytest.raises(ValueError, match="Reused local directory") as refused:
+        with pytest.raises(ValueError, match="Reused local directory"):
             _check_and_find([local], [remote], LOCALS)
     monkeypatch.undo()
 

@@ -12,8 +12,16 @@ import torch
 from PIL import Image
 
 from data_prep.cli import main
-from dip_scale.data import (DiPStreamingDataset, adm_center_crop, build_dataloader, images_to_float, job_cache_dir,
-                            read_dataset_info, synthetic_image)
+from dip_scale.data import (
+    DiPStreamingDataset,
+    adm_center_crop,
+    build_dataloader,
+    images_to_float,
+    job_cache_dir,
+    read_dataset_info,
+    synthetic_image,
+    write_synthetic_shards,
+)
 from tests.data_prep.image_tree import make_image_tree
 
 SyntheticFactory = Callable[..., str]
@@ -140,8 +148,6 @@ def test_missing_dataset_json_is_explained(tmp_path: Path) -> None:
 
 
 def test_remote_is_cached_in_the_job_folder(s3_url: str, tmp_path: Path) -> None:
-    from dip_scale.data import write_synthetic_shards
-
     write_synthetic_shards(s3_url, num_images=8, resolution=8)
     assert read_dataset_info(s3_url)["num_samples"] == 8
     base = str(tmp_path / "jobs")

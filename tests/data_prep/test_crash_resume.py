@@ -27,12 +27,13 @@ def _done_parts(out: str) -> set[str]:
     return {name.split("/")[0] for name in Folder(out).list("part-") if name.endswith("/done.json")}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_rerun_after_kill_completes_without_duplicates(where: str, tmp_path: Path, request: pytest.FixtureRequest,
+@pytest.mark.parametrize("where,workers", [("local", 1), ("s3", 2)])
+def test_rerun_after_kill_completes_without_duplicates(where: str, workers: int, tmp_path: Path,
+                                                       request: pytest.FixtureRequest,
                                                        capsys: pytest.CaptureFixture) -> None:
     out = request.getfixturevalue("s3_url") if where == "s3" else str(tmp_path / "out")
     args = ["write", "synthetic", out, "--num-images", str(NUM_IMAGES), "--resolution", str(RESOLUTION),
-            "--encoding", "png", "--chunk-size", str(CHUNK), "--workers", "2", "--no-progress"]
+            "--encoding", "png", "--chunk-size", str(CHUNK), "--workers", str(workers), "--no-progress"]
 
     # A new session, so that the kill takes the workers and the fork server too, as a scheduler would.
     process = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, start_new_session=True,

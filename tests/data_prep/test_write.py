@@ -64,7 +64,8 @@ def test_folder_tree_round_trip_with_bad_inputs(image_tree: ImageTree, tmp_path:
     assert info["class_names"] == image_tree.classes
     assert info["num_samples"] == len(image_tree.good)
     assert info["num_skipped"] == len(image_tree.bad)
-    assert info["class_counts"] == [sum(1 for _, l in image_tree.good if l == c) for c in range(len(image_tree.classes))]
+    labels = [label for _, label in image_tree.good]
+    assert info["class_counts"] == [labels.count(c) for c in range(len(image_tree.classes))]
     assert f"{len(image_tree.bad)} skipped" in printed.out
     assert "empty class folder" in printed.err  # source problems are announced up front
 
@@ -170,7 +171,7 @@ def test_s3_output_never_prints_credentials(s3_server, s3_url: str, tmp_path: Pa
     key_id = "KEYID-must-never-appear"
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": key_id}
     result = subprocess.run([sys.executable, "-m", "data_prep", "write", "synthetic", s3_url, "--num-images", "30",
-                             "--resolution", "8", "--encoding", "png", "--chunk-size", "8", "--workers", "2"],
+                             "--resolution", "8", "--encoding", "png", "--chunk-size", "8"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for stream in (result.stdout, result.stderr):
