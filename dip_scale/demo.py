@@ -1,0 +1,122 @@
+"""The embedded default (`make demo`): DiP learning a synthetic dataset on a CPU, end to end.
+
+    python -m dip_scale.demo                  # everything under runs/demo
+    python -m dip_scale.demo --steps 3000     # train longer (rerun continues the same run)
+
+1. `dip-prep`'s synthetic source writes a train split and a reference split as MDS shards (a local folder
+   stands in for S3);
+2. `python -m dip_scale.train recipes/demo_cpu.yaml` trains through Composer with the streaming loader,
+   checkpoints and auto-resume; the scheduled evaluation (in-process, standing in for the Slurm job)
+   measures FID against the reference split every `eval.every` steps;
+3. the sample grid, the FID table and the FID plot are printed, with the first and the last FID.
+
+Running it again resumes the run, or reports that it is complete.
+
+FID needs torch-fidelity's Inception weights. When they are in the torch hub cache (or
+$DIP_INCEPTION_WEIGHTS) the demo uses them. Otherwise, since nothing is downloaded, it uses an Inception of
+the same architecture with fixed random (He-initialised) weights: a Frechet distance in those features
+still falls as samples approach the data, but the numbers are not comparable to published FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+from dip_scale.data.layout import read_dataset_info
+from dip_scale.data.synthetic import write_synthetic_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
+
+
+def ensure_split(folder: Path, num_images: int, seed: int) -> None:
+    try:
+        if read_dataset_info(str(folder))["num_samples"] == num_images:
+            return
+    except (FileNotFoundError, KeyError, ValueError):
+        pass
+    print(f"writing {num_images} synthetic images to {folder}")
+    write_synthetic_shards(str(folder), num_images=num_images, resolution=32, seed=seed, progress=True)
+
+
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """torch-fidelity's inception-v3-compat with He-initialised convolutions (fixed seed), saved once."""
+    if path.is_file():
+        return path
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    original = FeatureExtractorInceptionV3.load_state_dict
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # skip its download
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    finally:
+        FeatureExtractorInceptionV3.load_state_dict = original
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def inception_weights(out: Path) -> tuple[str, bool]:
+    from dip_scale.eval.inception import find_weights
+
+    try:
+        return str(find_weights()), True
+    except FileNotFoundError:
+        return str(random_inception_weights(out / "inception-random-he.pth")), False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dip_scale.demo", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="folder for data, runs and results (default runs/demo)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides, key=value")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    ensure_split(out / "data" / "train", 2048, seed=0)
+    ensure_split(out / "data" / "reference", 500, seed=1)
+    weights, real = inception_weights(out)
+    if not real:
+        print("note: torch-fidelity's Inception weights are not in the torch hub cache, and nothing is downloaded: "
+              "FID below uses an Inception with fixed random weights (it falls as samples improve, but is not "
+              "comparable to published FIDs). `dip-eval --help` says where to put the real file.")
+
+    from dip_scale.train.__main__ import main as train
+
+    overrides = [f"data.remote={out / 'data' / 'train'}", f"eval.reference={out / 'data' / 'reference'}",
+                 f"eval.inception_path={weights}", f"checkpoint.save_folder={out / 'runs'}", *args.overrides]
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    code = train([str(RECIPE), *overrides])
+    if code != 0:
+        return code
+
+    run = out / "runs" / "demo"
+    table = run / "eval" / "results.csv"
+    rows = sorted(csv.DictReader(table.open()), key=lambda r: int(r["step"])) if table.is_file() else []
+    grids = sorted((run / "samples").glob("step-*.png"))
+    print("\nDiP demo results")
+    print(f"  sample grid (EMA, one column per class): {grids[-1] if grids else 'none'}")
+    print(f"  real images of the classes:              {out / 'data' / 'train'} (dip-sample / dip-prep verify)")
+    print(f"  FID table: {table}")
+    print(f"  FID plot:  {run / 'eval' / 'fid_vs_step.png'}")
+    if rows:
+        kind = "FID" if real else "FID (random-feature Inception)"
+        print(f"  {kind}: step {rows[0]['step']}: {float(rows[0]['fid']):.3f} -> step {rows[-1]['step']}: "
+              f"{float(rows[-1]['fid']):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
