@@ -272,6 +272,8 @@ def checkpoint_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
         for name, tensor in torch.load(whole, map_location="cpu", weights_only=False)["module"].items():
             weights.setdefault(name, tensor)
     state = torch.load(folder / COMPOSER_STATE, map_location="cpu", weights_only=False)["state"]
+    # Names as in Composer's checkpoints: without the activation-checkpointing wrapper.
+    weights = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in weights.items()}
     return weights, int(state["timestamp"]["Timestamp"]["batch"])
 
 
