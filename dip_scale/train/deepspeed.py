@@ -16,8 +16,8 @@ then `optimizer.step(closure)`, where the closure runs each micro-batch as `mode
             `engine.backward(...)`. Composer's own `microbatch_loss.backward()` thus runs engine.backward, after
             Composer's micro-batch scaling (so `scale_wrt_gas=False`) and exactly where it always runs.
             Rejected: a Trainer subclass (the call sits inside the 140-line `_train_microbatch`, which would be
-            copied and would drift from Composer), and an Event callback (BEFORE_BACKWARD fires before
-            Composer scales the loss, AFTER_BACKWARD after its backward: neither can replace the call).
+            copied and would drift from Composer), and an Event callback calling engine.backward itself
+            (BEFORE_BACKWARD fires before Composer scales the loss, AFTER_BACKWARD after Composer's backward).
   step      `EngineOptimizer` is the optimizer Composer sees. `step(closure)` runs the closure (the engine
             accumulates gradients over the micro-batches: `managed_gradient_accumulation: false`), then
             `engine.step()` reduces, checks, updates with torch's AdamW (`torch_adam`: nothing is compiled) and
@@ -26,7 +26,9 @@ then `optimizer.step(closure)`, where the closure runs each micro-batch as `mode
   checkpoint  `DeepSpeedWriter` is CheckpointSaver's writer: `engine.save_checkpoint` (each rank its own
             partition) into `step-N.tmp/deepspeed/`, and Composer's own state (timestamp, data position,
             callbacks, RNG of every rank) without model and optimizer into `state.pt` on rank 0. The saver
-            adds the manifest. `load_checkpoint` restores the engine; Composer loads `state.pt` (load_path).
+            adds the manifest. `load_checkpoint` restores the engine (on the same number of ranks: ZeRO
+            partitions are per rank); Composer loads `state.pt` (load_path). `checkpoint_weights` reads the
+            whole weights and EMA back without a process group, for sampling and evaluation.
 
 Precision: mixed precision is Composer's autocast (train.precision bf16 -> amp_bf16), as under ddp and fsdp,
 and the engine itself runs in fp32 (master weights, gradients, reductions). DeepSpeed's own bf16 mode casts
