@@ -47,6 +47,11 @@ def encode_image(array: np.ndarray, encoding: str, jpeg_quality: int | None) -> 
     return buffer.getvalue()
 
 
+def _fsync(path: str) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     chunk: int
@@ -127,12 +132,14 @@ def write_chunk(job: ChunkJob, progress: Callable[[int], None]) -> ChunkResult:
                 done_since_report = 0
         # An exception above leaves the part without done.json: a rerun deletes and redoes it.
         writer.finish()  # flushes the last shard and writes the part's index.json
+        stored_files = [(shard["zip_data"] or shard["raw_data"])["basename"] for shard in writer.shards]
         if out.is_s3:
             # Shards first, the part's index after them, done.json (below) last.
-            for shard in writer.shards:
-                stored = (shard["zip_data"] or shard["raw_data"])["basename"]
-                out.upload(os.path.join(local_part, stored), f"{part}/{stored}")
-            out.upload(os.path.join(local_part, INDEX_FILE), f"{part}/{INDEX_FILE}")
+            for name in [*stored_files, INDEX_FILE]:
+                out.upload(os.path.join(local_part, name), f"{part}/{name}")
+        else:
+            for name in [*stored_files, INDEX_FILE]:
+                _fsync(os.path.join(local_part, name))  # on disk before done.json claims they are
         progress(done_since_report)
 
     for shard in writer.shards:

@@ -178,6 +178,14 @@ def _write_chunk_in_worker(job: ChunkJob) -> ChunkResult:
     return write_chunk(job, _report_progress)
 
 
+def _drain(progress_queue: multiprocessing.Queue, bar: tqdm) -> None:
+    while True:
+        try:
+            bar.update(progress_queue.get_nowait())
+        except queue.Empty:
+            return
+
+
 def _run_in_pool(jobs: Iterator[ChunkJob], num_workers: int, bar: tqdm) -> list[ChunkResult]:
     context = worker_context()
     progress_queue = context.Queue()
@@ -193,11 +201,7 @@ def _run_in_pool(jobs: Iterator[ChunkJob], num_workers: int, bar: tqdm) -> list[
                 if not running:
                     break
                 finished, running = wait(running, timeout=0.25, return_when=FIRST_COMPLETED)
-                while True:
-                    try:
-                        bar.update(progress_queue.get_nowait())
-                    except queue.Empty:
-                        break
+                _drain(progress_queue, bar)
                 for future in finished:
                     result = future.result()  # a worker's error stops the write here
                     results.append(result)
@@ -206,6 +210,7 @@ def _run_in_pool(jobs: Iterator[ChunkJob], num_workers: int, bar: tqdm) -> list[
             for future in running:
                 future.cancel()
             raise
+    _drain(progress_queue, bar)  # the workers' last counts, flushed as they exited
     return results
 
 

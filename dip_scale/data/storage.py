@@ -62,7 +62,9 @@ class Folder:
             self.bucket = parsed.netloc
             self.prefix = parsed.path.strip("/")
         else:
+            # Absolute, so that worker processes with another working directory agree on it.
             self.path = os.path.abspath(os.path.expanduser(url))
+            self.url = self.path
 
     def __repr__(self) -> str:
         return f"Folder({self.url!r})"
@@ -175,6 +177,8 @@ class Folder:
         try:
             with open(temporary, "wb") as file:
                 file.write(data)
+                file.flush()
+                os.fsync(file.fileno())  # the rename must not land before the data (power loss)
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
