@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None,
                    help="for s3:// references and read-only data folders (default: $DIP_CACHE or ~/.cache/dip_scale)")
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default=None, help="results JSON (default: <checkpoint>.eval-n<N>.json, next to it)")
+    g.add_argument("--out", default=None, help="results JSON (default: <checkpoint>.eval-n<N>.json next to the "
+                                               "checkpoint folder; s3:// checkpoints get it in the bucket)")
     g.add_argument("--run-dir", default=None,
                    help="run folder for eval/results.csv, .md and fid_vs_step.png (default: <run> for "
                         "<run>/checkpoints/step-N, else the checkpoint's folder; none for s3:// checkpoints)")
@@ -154,6 +155,19 @@ def sampler_config(args, recipe: dict | None) -> SamplerConfig:
     return SamplerConfig(**base)
 
 
+def checkpoint_location(given: str, source: str | None) -> str:
+    """Where the evaluated checkpoint lives, for its results: the folder load_model resolved (a run folder
+    resolves to its newest checkpoint); for s3:// the URL of that checkpoint, not the local download."""
+    if not source:
+        return given
+    if not given.startswith("s3://"):
+        return str(Path(source))
+    name = Path(source).name
+    if name.startswith("step-") and not given.rstrip("/").endswith(name):
+        return f"{given.rstrip('/')}/checkpoints/{name}"
+    return given
+
+
 def default_run_dir(checkpoint: str) -> Path | None:
     """<run> for <run>/checkpoints/step-N[/file]; otherwise the checkpoint's folder; None for s3://."""
     if checkpoint.startswith("s3://"):
@@ -219,15 +233,16 @@ def run(args) -> dict | None:
     if rank != 0:
         return None
 
+    location = args.checkpoint if args.official else checkpoint_location(args.checkpoint, info.get("source"))
     record = make_record(metrics=out.metrics, settings=settings.describe(), step=info.get("step"),
-                         checkpoint=args.checkpoint, reference=args.reference,
+                         checkpoint=location, reference=args.reference,
                          wall_time_s=time.perf_counter() - t0, generation_s=out.generation_s,
                          images_per_s=out.images_per_s, world_size=world_size, inception=inception.fingerprint,
                          mode="dip-eval")
     if args.save_npz:
         record["samples_npz"] = str(save_samples_npz(args.save_npz, out.images, out.labels))
-    record["json"] = write_json(args.out or default_json_path(args.checkpoint, args.num_samples), record)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.checkpoint)
+    record["json"] = write_json(args.out or default_json_path(location, args.num_samples), record)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(location)
     if run_dir is not None:
         record["run_table"] = str(append_to_run(run_dir, record) / "results.csv")
     if args.wandb_project:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dip_scale.diffusion.sampler import SamplerConfig
-from dip_scale.eval.generate import Plan, check_num_samples, gather_rows, generate, world
+from dip_scale.eval.generate import Plan, broadcast_object, check_num_samples, gather_rows, generate, world
 from dip_scale.eval.inception import FEATURE_DIMS, InceptionFeatures
 from dip_scale.eval.metrics import compute_metrics
 from dip_scale.eval.stats import ReferenceStats
@@ -83,7 +83,7 @@ def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: Re
     device = torch.device(device)
     rank, world_size = world()
     check_num_samples(settings.num_samples, model.config.num_classes)
-    if rank == 0 and reference is None:
+    if not broadcast_object(reference is not None):  # all ranks stop, or none
         raise ValueError("rank 0 needs the reference statistics to compute the metrics")
     was_training = model.training
     model.eval()

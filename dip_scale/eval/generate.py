@@ -32,6 +32,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a no-op without a process group)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def class_labels(indices: torch.Tensor | range, num_classes: int) -> torch.Tensor:
     """The fixed class of each sample index: i % num_classes."""
     return torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.long) % num_classes

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dip_scale.eval.generate import gather_rows, world
+from dip_scale.eval.generate import broadcast_object, gather_rows, world
 from dip_scale.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
 
 log = logging.getLogger(__name__)
@@ -383,14 +383,6 @@ def _s3_download(url: str, dest: Path) -> bool:
     return True
 
 
-def _broadcast(obj):
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _on_rank0(fn, what: str):
     """Run fn on rank 0 only; every rank raises if it failed (the others would otherwise wait forever)."""
     result, error = None, None
@@ -399,7 +391,7 @@ def _on_rank0(fn, what: str):
             result = fn()
         except Exception as err:
             error = err
-    failed = _broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     if failed:
@@ -460,7 +452,7 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
         return None, where
 
     cached, where = _on_rank0(find_cached, f"the cached statistics of {spec}") or (None, None)
-    if _broadcast(cached is not None):
+    if broadcast_object(cached is not None):
         return cached
     stats = image_stats(source, inception, batch_size=batch_size, num_workers=num_workers, name=spec,
                         progress=progress)

@@ -4,6 +4,7 @@ errors: a checkpoint that does not exist, a reference of the wrong shape, N not 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dip_scale.eval.cli import main
+from dip_scale.eval.cli import checkpoint_location, default_run_dir, main
 from tests.eval.images import blobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,13 +51,16 @@ def reference_folder(tmp_path_factory) -> Path:
 
 def test_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, reference_folder, inception_weights, tmp_path, capsys):
     npz = tmp_path / "samples.npz"
-    argv = [str(tiny_checkpoint), "--reference", str(reference_folder), "-n", "10", "--batch-size", "4",
+    run_dir = tiny_checkpoint.parent.parent
+    # a run folder stands for its newest checkpoint; the results go next to that checkpoint
+    argv = [str(run_dir), "--reference", str(reference_folder), "-n", "10", "--batch-size", "4",
             "--guidance-scale", "1.5", "--inception-weights", str(inception_weights), "--num-workers", "0",
             "--cache-dir", str(tmp_path / "cache"), "--save-npz", str(npz), "--no-progress"]
     assert main(argv) == 0
     result_json = Path(f"{tiny_checkpoint}.eval-n10.json")
     record = json.loads(result_json.read_text())
     assert record["step"] == 2 and record["num_samples"] == 10 and record["seed"] == 0
+    assert record["checkpoint"] == str(tiny_checkpoint)
     # the recipe's sampler (2 steps, Euler, interval), the guidance scale from the flag
     assert record["sampler"] == {"steps": 2, "method": "euler", "guidance_scale": 1.5,
                                  "guidance_interval": [0.1, 1.0]}
@@ -67,7 +71,6 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, reference_folder, ince
     out = capsys.readouterr().out
     assert f"FID {m['fid']:.4f}" in out
     # the run folder's table and plot
-    run_dir = tiny_checkpoint.parent.parent
     table = (run_dir / "eval" / "results.csv").read_text().splitlines()
     assert len(table) == 2 and table[1].startswith("2,10,")
     assert (run_dir / "eval" / "fid_vs_step.png").stat().st_size > 1000
@@ -75,12 +78,58 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, reference_folder, ince
     with np.load(npz) as f:
         assert f["arr_0"].shape == (10, 32, 32, 3) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == list(range(10))
-    # the same command again gives the same images (fixed seeds) and the same FID
-    again = tmp_path / "again.npz"
-    assert main(argv[:-3] + ["--save-npz", str(again), "--no-progress", "--out", str(tmp_path / "again.json")]) == 0
-    with np.load(npz) as a, np.load(again) as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"])
-    assert json.loads((tmp_path / "again.json").read_text())["metrics"]["fid"] == m["fid"]
+    # the reference statistics were cached next to the reference images for the next evaluation
+    assert list(reference_folder.glob("fid_stats-*.npz"))
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_composer_launcher_make_the_images_of_one(tiny_checkpoint, reference_folder,
+                                                                        inception_weights, tmp_path):
+    import socket
+
+    import torch
+
+    from dip_scale.diffusion.sampler import SamplerConfig
+    from dip_scale.eval.generate import generate
+    from dip_scale.inference import load_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).parent / "composer"
+    cmd = [str(launcher), "-n", "2", "--master_port", str(port), "--stderr", str(tmp_path / "rank{rank}.err"),
+           "-m", "dip_scale.eval.cli", str(tiny_checkpoint), "--reference", str(reference_folder), "-n", "20",
+           "--batch-size", "3", "--inception-weights", str(inception_weights), "--num-workers", "0",
+           "--save-npz", str(tmp_path / "two.npz"), "--out", str(tmp_path / "two.json"),
+           "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("rank*.err")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + errors
+    record = json.loads((tmp_path / "two.json").read_text())
+    assert record["world_size"] == 2 and record["metrics"]["fid"] > 0
+
+    model, info = load_model(str(tiny_checkpoint))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = torch.cat([b.images for b in generate(model, num_samples=20, seed=0, batch_size=3,
+                                                    sampler=SamplerConfig(**info["sampler"]), device="cpu",
+                                                    image_size=info["image_size"], progress=False)])
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(tmp_path / "two.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], one.numpy())
+        assert f["arr_1"].tolist() == [i % 10 for i in range(20)]
+
+
+def test_results_of_s3_checkpoints_go_next_to_them_in_the_bucket():
+    run = "s3://bucket/runs/xl"
+    assert checkpoint_location(run, "/tmp/dl/checkpoints/step-000000100") == f"{run}/checkpoints/step-000000100"
+    step = f"{run}/checkpoints/step-000000100"
+    assert checkpoint_location(step, "/tmp/dl/checkpoints/step-000000100") == step
+    assert checkpoint_location("runs/xl", "runs/xl/checkpoints/step-000000100") == "runs/xl/checkpoints/step-000000100"
+    assert default_run_dir(step) is None
 
 
 def test_n_not_divisible_by_the_number_of_classes(tiny_checkpoint, reference_folder, inception_weights, capsys):

@@ -33,20 +33,26 @@ def reference_fid(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-def test_fid_matches_float64_scipy_reference_is_zero_on_itself_and_separates_distributions(two_sets):
+def test_fid_matches_a_float64_reference_is_zero_on_itself_and_separates_distributions(two_sets):
     a, b = two_sets
     mu_a, sigma_a = mean_cov(a["pool"])
     mu_b, sigma_b = mean_cov(b["pool"])
     np.testing.assert_allclose(sigma_a, np.cov(a["pool"].double().numpy(), rowvar=False), rtol=1e-12)
 
-    fid = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
-    reference = reference_fid(mu_a, sigma_a, mu_b, sigma_b)
-    assert fid == pytest.approx(reference, rel=1e-6)
+    # the whole metrics path on generated features `a` against reference statistics of `b`
+    m = compute_metrics(a, ReferenceStats(mu_b, sigma_b))
+    fid = m["fid"]
+    assert fid == pytest.approx(reference_fid(mu_a, sigma_a, mu_b, sigma_b), rel=1e-6)
 
     itself = frechet_distance(mu_a, sigma_a, mu_a, sigma_a)
     scale = np.trace(sigma_a)
     assert abs(itself) < 1e-5 * scale  # rank-deficient covariances leave ~1e-6 of eigenvalue noise
     assert fid > 0.5 * scale and fid > 1e4 * abs(itself), (fid, itself, scale)
+
+    # what the reference cannot support is None, with the reason
+    assert m["inception_score"] >= 1.0
+    assert m["sfid"] is None and m["precision"] is None and m["recall"] is None
+    assert any("sFID" in n for n in m["notes"]) and any("precision/recall" in n for n in m["notes"])
 
 
 def test_fid_shape_errors():
@@ -90,13 +96,3 @@ def test_precision_recall_is_the_k3_manifold_estimate():
     assert precision_recall(reference, reference) == (1.0, 1.0)
     with pytest.raises(ValueError, match="needs more than 3 samples"):
         precision_recall(samples[:3], reference)
-
-
-def test_compute_metrics_reports_what_the_reference_cannot_support(two_sets):
-    a, b = two_sets
-    mu, sigma = mean_cov(b["pool"])
-    without_extras = ReferenceStats(mu, sigma)
-    m = compute_metrics(a, without_extras)
-    assert m["fid"] > 0 and m["inception_score"] >= 1.0
-    assert m["sfid"] is None and m["precision"] is None and m["recall"] is None
-    assert any("sFID" in n for n in m["notes"]) and any("precision/recall" in n for n in m["notes"])

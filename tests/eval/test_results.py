@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,8 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            return
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -99,7 +102,12 @@ def wandb_records(path: Path):
 def test_wandb_offline_logs_at_the_checkpoint_step(tmp_path):
     run_id = log_wandb(record(300, 7.5), project="dip-test", mode="offline", directory=tmp_path)
     [run_file] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    records = list(wandb_records(run_file))
+    deadline = time.monotonic() + 60
+    while True:  # wandb's own service process writes the file; finish() may return before it is flushed
+        records = list(wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "history" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "eval/*" and m.step_metric == "eval/step" for m in metrics)
     [history] = [r.history for r in records if r.WhichOneof("record_type") == "history"]
