@@ -19,8 +19,9 @@
 # Exit status: the training's (0 done, 2 bad recipe, 3 non-finite stop, 75 preempted after a checkpoint).
 #
 # Signals: Slurm delivers a signal sent to a job step to every process of the step. The ranks checkpoint
-# on SIGUSR1/SIGTERM and exit 75; the composer launcher would die of the signal's default action and
-# leave the ranks without a parent, so it runs with handlers that ignore both and waits for its ranks.
+# on SIGUSR1/SIGTERM and exit 75 (before training starts, the signal ends them). The composer launcher
+# would die of the signal's default action and leave the ranks without a parent, so it runs with handlers
+# that only take note and waits for its ranks; told to stop before it started them, it exits 75 at once.
 set -euo pipefail
 
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
@@ -40,9 +41,12 @@ mkdir -p "$LOG_DIR"
 
 exec "$PYTHON" -c '
 import signal, sys
-from composer.cli.launcher import main
+warned = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
-    signal.signal(sig, lambda *_: None)  # a Python handler, unlike SIG_IGN, is not inherited by the ranks
+    signal.signal(sig, lambda signum, _: warned.append(signum))  # unlike SIG_IGN, not inherited by the ranks
+from composer.cli.launcher import main
+if warned:  # told to stop before any rank started: nothing to save, try again later
+    sys.exit(75)
 sys.exit(main())
 ' \
   --nproc "$GPUS_PER_NODE" \

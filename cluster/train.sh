@@ -138,15 +138,19 @@ if [ "$status" -ne 0 ]; then
 fi
 printf '%s\n' "$resolved" > "$LOG_DIR/config.yaml"
 log "run $(printf '%s\n' "$resolved" | sed -n 's/^run_name: *//p'): $(printf '%s\n' "$resolved" | tail -n1 | sed 's/^# //')"
-if [ -n "$stop_signal" ]; then
+if [ "$stop_signal" = USR1 ]; then  # warned while the recipe was checked: nothing started, come back later
   requeue
+elif [ -n "$stop_signal" ]; then
+  exit 143
 fi
 
 # ---- one task per node; each starts the composer launcher with its GPUS_PER_NODE ranks
+# --wait: once one node's launcher has exited, the others get 60 s to follow (all do within seconds after
+# a checkpoint or at the end) before Slurm ends them, so a node that died never leaves the rest hanging.
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-  --kill-on-bad-exit=0 bash "$here/launch_node.sh" "$recipe" "${overrides[@]}" &
+  --wait=60 bash "$here/launch_node.sh" "$recipe" "${overrides[@]}" &
 step_pid=$!
-if [ -n "$stop_signal" ]; then  # the signal came while srun was being started
+if [ "$stop_signal" = USR1 ]; then  # the warning came while srun was being started
   kill -USR1 "$step_pid" 2>/dev/null
 fi
 while :; do
@@ -162,7 +166,7 @@ done
 
 case $status in
   0) log "training complete" ;;
-  75) log "the trainer checkpointed and stopped (exit 75)"; requeue ;;
+  75) log "training stopped for a requeue (exit 75)"; requeue ;;
   2) log "the recipe or its inputs were rejected (exit 2, see the error above): not requeued" ;;
   3) log "stopped on a non-finite loss (exit 3, last good state checkpointed): not requeued" ;;
   *)

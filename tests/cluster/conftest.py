@@ -238,7 +238,7 @@ def slurm(tmp_path_factory):
 TINY = REPO / "recipes" / "dip_tiny_cpu.yaml"
 TRAIN_SH = REPO / "cluster" / "train.sh"
 # Small enough for two CPU cores, long enough to be preempted in the middle.
-TRAIN_STEPS = 12
+TRAIN_STEPS = 16
 TINY_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "checkpoint.every=4", "logging.log_every=1",
                   "logging.sample_every=0"]
 

@@ -33,7 +33,7 @@ def preempted_job(slurm, shards, tmp_path_factory, reference_job):
     """A training job sent Slurm's preemption warning (SIGUSR1 to the batch shell) once it is training.
 
     A watcher thread sends the signal as soon as the first step is logged (the job may be queued behind
-    others first), and then releases the requeued job at once instead of after Slurm's 120 s BeginTime."""
+    others first), then releases the requeued job at once instead of after Slurm's 120 s BeginTime."""
     job = submit_train(slurm, tmp_path_factory.mktemp("preempted"), shards, "pre")
     signalled = threading.Event()
     stop = threading.Event()
@@ -41,10 +41,12 @@ def preempted_job(slurm, shards, tmp_path_factory, reference_job):
     def watch():
         metrics = job.run_dir / "metrics.jsonl"
         deadline = time.monotonic() + JOB_TIMEOUT
-        while not stop.is_set() and time.monotonic() < deadline:
-            if not signalled.is_set() and metrics.exists() and metrics.read_text().strip():
+        while not signalled.is_set() and time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().strip():  # the first step is done: the trainer listens
                 slurm.scancel("--signal=USR1", "--batch", str(job.job_id))
                 signalled.set()
+            time.sleep(0.05)
+        while not stop.is_set() and time.monotonic() < deadline:
             state = slurm.job(job.job_id)
             slurm.release_requeued(state)
             if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -85,7 +87,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(slur
     assert stopped, log
     step = int(stopped.group(1))
     assert 1 <= step < TRAIN_STEPS
-    assert "the trainer checkpointed and stopped (exit 75)" in log
+    assert "training stopped for a requeue (exit 75)" in log
     assert f"requeueing job {job.job_id} (restart 1" in log
     # ... and the second start resumed from that checkpoint and finished the run.
     assert f"resuming dip-tiny-cpu from step {step} " in log, log
