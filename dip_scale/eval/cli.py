@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
     g.add_argument("--wandb-run-id", default=os.environ.get("WANDB_RUN_ID"),
                    help="add the values to this (training) run instead of a new one")
-    g.add_argument("--wandb-mode", choices=("offline", "online"), default=os.environ.get("WANDB_MODE") or "offline")
+    g.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
+                   default=os.environ.get("WANDB_MODE") or "offline")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -199,7 +200,7 @@ def summary(record: dict) -> str:
 
 def run(args) -> dict | None:
     from dip_scale.eval.evaluate import EvalSettings, evaluate_model
-    from dip_scale.eval.generate import world
+    from dip_scale.eval.generate import check_num_samples, world
     from dip_scale.eval.inception import InceptionFeatures
     from dip_scale.eval.results import (append_to_run, default_json_path, log_wandb, make_record,
                                         save_samples_npz, write_json)
@@ -221,8 +222,6 @@ def run(args) -> dict | None:
     settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                             sampler=sampler, precision=args.precision, compile_model=args.compile,
                             keep_images=bool(args.save_npz))
-    from dip_scale.eval.generate import check_num_samples
-
     check_num_samples(args.num_samples, model.config.num_classes)
 
     reference = load_reference(args.reference, inception, cache_dir=args.cache_dir,

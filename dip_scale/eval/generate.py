@@ -51,9 +51,9 @@ def check_num_samples(num_samples: int, num_classes: int) -> None:
         raise ValueError(f"the number of samples must be positive, got {num_samples}")
     if num_samples % num_classes:
         lo = num_samples // num_classes * num_classes
+        nearest = " or ".join(str(n) for n in (lo, lo + num_classes) if n > 0)
         raise ValueError(f"the number of samples ({num_samples}) must be divisible by the number of classes "
-                         f"({num_classes}) for a class-balanced set; use {lo or num_classes} or "
-                         f"{lo + num_classes}")
+                         f"({num_classes}) for a class-balanced set; use {nearest}")
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,26 @@ def _no_tf32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def write_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save inception-v3-compat weights with He-initialised convolutions (fixed seed): a stand-in for the real
+    file where it cannot be had (tests, the offline demo). Features then vary with the input (PyTorch's
+    default init collapses them to ~1e-8), so a Frechet distance still tells distributions apart, but its
+    numbers are not FIDs comparable with published ones."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            with torch.no_grad():
+                m.weight.normal_(0.0, (2.0 / m.weight[0].numel()) ** 0.5, generator=g)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

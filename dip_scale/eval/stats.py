@@ -10,8 +10,9 @@ A reference is `ReferenceStats`: mu/sigma of the 2048-d pool features (FID), mu_
   mu/sigma but with arr_0 (any ADM sample batch) gets its statistics from arr_0, as ADM's evaluator does.
 - Our MDS shards (a folder with index.json, or an s3:// prefix), e.g. the validation split, or a folder
   of same-sized images. All images are used once; the work is spread over the ranks of the job. The result
-  is cached next to the data (for s3:// sources, next to their local copy) as
-  `fid_stats-<inception fingerprint>.npz`, a file with the ADM keys that is itself a valid reference.
+  is cached next to the data as `fid_stats-<inception fingerprint>.npz`, a file with the ADM keys that is
+  itself a valid reference: in the data folder (or the cache folder if that is read-only); for s3://
+  shards in the bucket next to them (and locally under the cache folder), so every job shares it.
 
     ref = load_reference("VIRTUAL_imagenet256_labeled.npz", inception)   # on rank 0; None elsewhere
 """
@@ -225,7 +226,12 @@ def image_stats(source: ImageSource, inception: InceptionFeatures, *, batch_size
     loader = DataLoader(_Indexed(source, mine), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     desc = f"reference features ({name})" if world_size == 1 else f"reference features ({name}, rank 0 of {world_size})"
+    size = None
     for idx, images in tqdm(loader, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
+        size = size or tuple(images.shape[1:])
+        if tuple(images.shape[1:]) != size:
+            raise ValueError(f"images of one reference set must share a size (crop them first, e.g. with "
+                             f"dip-prep); {name}: found {tuple(images.shape[1:])} at index {int(idx[0])}, {size} before")
         f = inception(images)
         pool.add(f["pool"])
         spatial.add(f["spatial"])

@@ -7,26 +7,13 @@ every FID would be ~0) and save the state dict, which then goes through our real
 
 from __future__ import annotations
 
-from unittest import mock
-
 import numpy as np
-import torch
-from torch import nn
+
+from dip_scale.eval.inception import write_random_weights
 
 
 def make_test_inception_weights(path) -> None:
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    g = torch.Generator().manual_seed(0)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.weight[0].numel()
-            with torch.no_grad():
-                m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=g)
-    torch.save(net.state_dict(), path)
+    write_random_weights(path, seed=0)
 
 
 def blobs(n: int, size: int, seed: int, bright: float = 0.0) -> np.ndarray:

@@ -11,7 +11,9 @@ mode "slurm": rank 0 submits `sbatch cluster/eval_fid.sh <newest checkpoint> <di
     outlive the queue wait (make eval steps checkpoint milestones when keep_last is small).
 
 The reference statistics and the Inception network are loaded at fit start, so a missing weights file
-or reference fails the run at once rather than at the first evaluation.
+or reference fails the run at once rather than at the first evaluation. Local mode reading the reference
+from shards computes their statistics once (cached next to them); use other shards than the training
+data's own local folder, which Streaming does not let a job open twice.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ MODES = ("local", "slurm")
 
 
 class ScheduledEval(Callback):
+    """Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size
+    (per rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS
+    or the torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and
+    eval/), seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches),
+    script (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra
+    dip-eval options), cache_dir (for s3:// references)."""
+
     def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
                  reference: str | None = None, inception_path: str | None = None,
                  sampler: SamplerConfig | None = None, run_dir: str | Path = "runs/eval", seed: int = 0,
@@ -83,6 +92,8 @@ class ScheduledEval(Callback):
 
     def fit_start(self, state: State, logger: Logger):
         check_num_samples(self.num_samples, _network(state).config.num_classes)
+        if self.mode == "slurm":  # a resumed run does not submit again what it submitted before
+            self.submitted_step = max((j["step"] for j in read_jobs(self.run_dir) if "job_id" in j), default=-1)
         if self.mode == "local" and self.inception is None:
             from dip_scale.eval.inception import InceptionFeatures
             from dip_scale.eval.stats import load_reference
@@ -185,6 +196,20 @@ class ScheduledEval(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "jobs.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def read_jobs(run_dir: Path) -> list[dict]:
+    """The submissions recorded in <run_dir>/eval/jobs.jsonl (a torn last line is skipped)."""
+    path = Path(run_dir) / EVAL_DIR / "jobs.jsonl"
+    if not path.is_file():
+        return []
+    jobs = []
+    for line in path.read_text().splitlines():
+        try:
+            jobs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return jobs
 
 
 def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:

@@ -126,6 +126,7 @@ def test_bad_settings_fail_before_training(tmp_path, reference, inception_weight
                          torch.arange(4))
     callback = ScheduledEval(every=2, num_samples=15, reference=str(reference), inception_path=str(inception_weights))
     trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=2), max_duration="2ba",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.0),
                       callbacks=[callback], device="cpu", progress_bar=False)
     with pytest.raises(ValueError, match=r"number of samples \(15\) must be divisible by the number of classes"):
         trainer.fit()
