@@ -137,7 +137,8 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 printf '%s\n' "$resolved" > "$LOG_DIR/config.yaml"
-log "run $(printf '%s\n' "$resolved" | sed -n 's/^run_name: *//p'): $(printf '%s\n' "$resolved" | tail -n1 | sed 's/^# //')"
+run_name=$(printf '%s\n' "$resolved" | sed -n 's/^run_name: *//p')
+log "run $run_name: $(printf '%s\n' "$resolved" | tail -n1 | sed 's/^# //')"
 if [ "$stop_signal" = USR1 ]; then  # warned while the recipe was checked: nothing started, come back later
   requeue
 elif [ -n "$stop_signal" ]; then

@@ -61,7 +61,8 @@ def finish(nodes, timeout=600) -> None:
             raise
     for proc, node in nodes:
         logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((node / "logs").glob("*")))
-        assert proc.returncode == 0, f"{node.name} exited {proc.returncode}:\n{(node / 'stdout.txt').read_text()[-5000:]}{logs}"
+        out = (node / "stdout.txt").read_text()[-5000:]
+        assert proc.returncode == 0, f"{node.name} exited {proc.returncode}:\n{out}{logs}"
 
 
 def run_summary(save: Path):
