@@ -25,7 +25,6 @@ import csv
 import sys
 from pathlib import Path
 
-import torch
 
 from dip_scale.data.layout import read_dataset_info
 from dip_scale.data.synthetic import write_synthetic_shards
@@ -44,35 +43,14 @@ def ensure_split(folder: Path, num_images: int, seed: int) -> None:
     write_synthetic_shards(str(folder), num_images=num_images, resolution=32, seed=seed, progress=True)
 
 
-def random_inception_weights(path: Path, seed: int = 0) -> Path:
-    """torch-fidelity's inception-v3-compat with He-initialised convolutions (fixed seed), saved once."""
-    if path.is_file():
-        return path
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    original = FeatureExtractorInceptionV3.load_state_dict
-    FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # skip its download
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
-            for m in net.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    finally:
-        FeatureExtractorInceptionV3.load_state_dict = original
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def inception_weights(out: Path) -> tuple[str, bool]:
-    from dip_scale.eval.inception import find_weights
+    from dip_scale.eval.inception import find_weights, write_random_weights
 
     try:
         return str(find_weights()), True
     except FileNotFoundError:
-        return str(random_inception_weights(out / "inception-random-he.pth")), False
+        path = out / "inception-random-he.pth"
+        return str(path if path.is_file() else write_random_weights(path)), False
 
 
 def main(argv=None) -> int:
@@ -85,7 +63,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     ensure_split(out / "data" / "train", 2048, seed=0)
-    ensure_split(out / "data" / "reference", 500, seed=1)
+    ensure_split(out / "data" / "reference", 200, seed=1)
     weights, real = inception_weights(out)
     if not real:
         print("note: torch-fidelity's Inception weights are not in the torch hub cache, and nothing is downloaded: "
