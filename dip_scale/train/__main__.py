@@ -71,17 +71,20 @@ def main(argv=None) -> int:
     from dip_scale.train.build import build_trainer, device_type
     from dip_scale.train.callbacks.checkpoint import finish_uploads
     from dip_scale.train.callbacks.nonfinite import NonFiniteStop
-    from dip_scale.train.callbacks.preemption import EXIT_PREEMPTED, Preempted
+    from dip_scale.train.callbacks.preemption import EXIT_PREEMPTED, Preempted, exit_on_signal, ignore_signals
     from dip_scale.train.storage import StoreUnavailable
 
+    exit_on_signal()  # a preemption during start-up is a requeue too
     try:
         dist.initialize_dist(device_type(recipe))
         trainer, paths = build_trainer(recipe)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        ignore_signals()
         return EXIT_BAD_INPUT
     except StoreUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
+        ignore_signals()
         return EXIT_PREEMPTED  # try again later: a requeue, not a fresh start
     if int(trainer.state.timestamp.batch) >= recipe.train.max_steps:
         # A rerun (or a requeue) of a finished run: nothing left to train, only uploads to complete.

@@ -150,9 +150,10 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
                 except StoreUnavailable as err:
                     error = str(err)
             dist.barrier()
-        fetched = [(p, e) for is_lead, p, e in on_every_rank(dist.all_gather_object((lead, path, error))) if is_lead]
-        if all(p is not None for p, _ in fetched):
-            return step, fetched[0][0]
+        gathered = on_every_rank(dist.all_gather_object((lead, dist.get_node_rank(), path, error)))
+        fetched = {node: p for is_lead, node, p, _ in gathered if is_lead}  # node -> its own load path
+        if all(p is not None for p in fetched.values()):
+            return step, fetched[dist.get_node_rank()]
     return None
 
 

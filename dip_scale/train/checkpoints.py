@@ -185,6 +185,7 @@ def fetch_checkpoint(local_root: Path, store, step: int) -> str | None:
     if store is not None:
         reason = _download(store, checkpoint_name(step), folder)
         if reason is None:
+            log.info("downloaded checkpoint %s/%s/%s into %s", store.url, CHECKPOINTS, checkpoint_name(step), folder)
             return load_target(folder)
         log.warning("skipping remote checkpoint %s/%s/%s: %s", store.url, CHECKPOINTS, checkpoint_name(step), reason)
     return None

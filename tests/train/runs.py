@@ -79,8 +79,17 @@ class Run:
             time.sleep(0.05)
         raise AssertionError(f"no step {step} within {timeout}s\n{self.log()}")
 
+    def wait_log(self, text: str, timeout: float = 300) -> None:
+        """Poll until `text` appears in the process's output."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (exit {self.proc.returncode}) before {text!r}\n{self.log()}")
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout}s\n{self.log()}"
+            time.sleep(0.05)
+
     def ranks(self) -> list[psutil.Process]:
-        if self.nproc == 1:
+        if "dip_scale.train" in self.cmd[1:3]:
             return [psutil.Process(self.proc.pid)]
         children = psutil.Process(self.proc.pid).children()
         return [p for p in children if "dip_scale.train" in " ".join(p.cmdline())]
@@ -114,19 +123,42 @@ class Run:
         return f"$ {' '.join(self.cmd)}\n{text[-tail:]}"
 
 
-def start(out: Path, overrides: list[str], run_dir: Path, nproc: int = 1, env: dict | None = None) -> Run:
-    """Start a training process; `run_dir` is where the run keeps its local files (for watching it)."""
+def own_shm_possible() -> bool:
+    """Whether a process can get a /dev/shm of its own (a private mount: needs root), which is what lets two
+    'nodes' share this machine (Streaming keys its shared memory by node, not by job)."""
+    try:
+        return subprocess.run(_OWN_SHM + ["true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+_OWN_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
+
+
+def start(out: Path, overrides: list[str], run_dir: Path, nproc: int = 1, env: dict | None = None,
+          node: tuple[int, int, int] | None = None) -> Run:
+    """Start a training process; `run_dir` is where the run keeps its local files (for watching it).
+
+    nproc > 1 starts the composer launcher with that many ranks; `node=(node_rank, nodes, master_port)` makes it
+    one node of a multi-node job (each node a launcher of nproc ranks, as cluster/launch_node.sh runs them,
+    with a /dev/shm of its own)."""
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     args = ["-m", "dip_scale.train", str(TINY), *BASE, *overrides]
-    if nproc == 1:
+    if nproc == 1 and node is None:
         cmd = [sys.executable, *args]
     else:
         # The launcher ignores the signals (as cluster/launch_node.sh does) and waits for its ranks.
         launcher = ("import signal, sys\nfrom composer.cli.launcher import main\n"
                     "for s in (signal.SIGUSR1, signal.SIGTERM): signal.signal(s, lambda *_: None)\nsys.exit(main())")
-        cmd = [sys.executable, "-c", launcher, "-n", str(nproc), "--master_port", str(free_port()),
-               "--stdout", str(out / "rank{rank}.out"), "--stderr", str(out / "rank{rank}.err"), *args]
+        node_rank, nodes, port = node or (0, 1, free_port())
+        cmd = [sys.executable, "-c", launcher, "-n", str(nproc), "--world_size", str(nproc * nodes),
+               "--node_rank", str(node_rank), "--base_rank", str(node_rank * nproc), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--stdout", str(out / "rank{rank}.out"),
+               "--stderr", str(out / "rank{rank}.err"), *args]
+        if node is not None:
+            cmd = _OWN_SHM + cmd
     full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DIP_CACHE_DIR": str(out / "cache"),
                 **(env or {})}
@@ -207,6 +239,8 @@ def losses(*run_dirs: Path, key: str = "loss/train/total") -> dict[int, float]:
     """step -> loss of the surviving update (the last record of each step)."""
     out = {}
     for run_dir in run_dirs:
+        if not (run_dir / "metrics.jsonl").is_file():  # written by global rank 0 only
+            continue
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
             out[r["step"]] = r[key]

@@ -3,8 +3,9 @@ that never was: model, EMA and optimizer state (fp32 on CPU), the loss of every 
 every step (each epoch sees each sample exactly once).
 
 Interruptions happen at a random step: SIGKILL (resume from the last periodic checkpoint) and SIGTERM (the
-trainer checkpoints at the end of the step and exits 75; resume from exactly there). With the save folder
-in S3 every rerun happens on a fresh machine folder, so only S3 holds the checkpoints.
+trainer checkpoints at the end of the step and exits 75; resume from exactly there; during start-up it
+exits 75 at once). With the save folder in S3 every rerun happens on a fresh machine folder, so only S3
+holds the checkpoints. Rerunning a finished run is a no-op; retention keeps the newest K plus milestones.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def test_killed_and_terminated_run_equals_uninterrupted(tmp_path, epoch_shards, 
     assert first.wait() == -signal.SIGKILL
     newest = max(complete_steps(run_dir))
     assert newest % EVERY == 0 and newest <= kill_at + 1
+
+    # SIGTERM while the rerun is still starting: nothing new to save, exit 75 (a requeue) all the same.
+    early = start(tmp_path / "1b", args, run_dir)
+    early.wait_log(f"resuming {RUN_NAME} from step {newest}")
+    early.signal(signal.SIGTERM)
+    assert early.wait() == EXIT_PREEMPTED, early.log()
+    assert "before training started" in early.log() and max(complete_steps(run_dir)) == newest
 
     # SIGTERM: a checkpoint of the step in progress, exit 75.
     second = start(tmp_path / "2", args, run_dir)

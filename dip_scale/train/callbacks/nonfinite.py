@@ -13,6 +13,8 @@ import os
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from dip_scale.train.callbacks.preemption import ignore_signals
+
 log = logging.getLogger(__name__)
 
 EXIT_NONFINITE = 3
@@ -52,4 +54,5 @@ class NonFiniteGuard(Callback):
                f"not applied; the last good weights are checkpointed in {path}. Lower the learning rate, check the "
                "data, or set train.nonfinite=skip to step over such batches.")
         log.error(msg)
+        ignore_signals()
         raise NonFiniteStop(EXIT_NONFINITE)
