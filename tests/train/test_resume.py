@@ -10,6 +10,7 @@ holds the checkpoints. Rerunning a finished run is a no-op; retention keeps the 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.launch import final_model
 from tests.train.runs import (EVERY, KEEP_LAST, MILESTONE, RUN_NAME, STEPS, assert_bitwise_equal,
                               assert_each_epoch_once, checkpoint_state, data_args, losses, run, samples_by_step, start)
 
@@ -127,3 +129,25 @@ def test_resume_from_s3_on_fresh_machine_folders(tmp_path, epoch_shards, straigh
     assert_same_as_straight(straight_run, *(tmp_path / m / RUN_NAME for m in "abc"))
     # Remote retention: the newest KEEP_LAST plus the milestone, all complete.
     assert remote_steps(s3_server, s3_url) == {MILESTONE: True, STEPS - EVERY: True, STEPS: True}
+
+
+def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path, epoch_shards):
+    """FSDP: every rank writes its shard (`sharded/__<rank>_0.distcp`, the manifest covers them all); a 2-rank
+    run stopped by SIGUSR1 to one rank and rerun ends bitwise equal to an uninterrupted 2-rank run."""
+    args = ["parallelism.strategy=fsdp", "train.max_steps=6", "checkpoint.every=2"]
+    straight = run(tmp_path / "straight", data_args(epoch_shards, tmp_path / "s") + args, tmp_path / "s" / RUN_NAME,
+                   nproc=2)
+    run_dir = tmp_path / "ckpt" / RUN_NAME
+    first = start(tmp_path / "1", data_args(epoch_shards, tmp_path / "ckpt") + args, run_dir, nproc=2)
+    first.wait_step(random.randint(1, 3))
+    first.signal(signal.SIGUSR1, ranks=[0])
+    assert first.wait() == EXIT_PREEMPTED, first.log()
+    preempted = int(re.search(r"preempted at step (\d+)", first.log()).group(1))
+    manifest = json.loads((run_dir / "checkpoints" / f"step-{preempted:09d}" / "manifest.json").read_text())
+    assert manifest["load"] == "sharded" and {"sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= manifest["files"].keys()
+
+    second = run(tmp_path / "2", data_args(epoch_shards, tmp_path / "ckpt") + args, run_dir, nproc=2)
+    assert resumed_from(second.log()) == preempted
+    assert losses(run_dir) == losses(straight.run_dir)
+    assert samples_by_step(run_dir) == samples_by_step(straight.run_dir)
+    assert_bitwise_equal(final_model(run_dir, 6), final_model(straight.run_dir, 6), "model and EMA")
