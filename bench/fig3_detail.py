@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -153,10 +152,11 @@ def evaluate(net, x: torch.Tensor, y: torch.Tensor, a: argparse.Namespace, mask:
 
 
 def save_png(path: str, x: torch.Tensor, y: torch.Tensor, nets: dict, a: argparse.Namespace, results: dict):
-    """Rows: data, x_t, then each model's one-step prediction at the largest t, then each model's samples."""
+    """Rows: data, x_t, then each model's one-step prediction at the smallest t (the most to recover), then
+    each model's samples."""
     from PIL import Image
 
-    n, t = min(6, x.shape[0], a.num_samples or 6), max(a.times)
+    n, t = min(6, x.shape[0], a.num_samples or 6), min(a.times)
     rows = [x[:n]]
     preds = {name: one_step_predictions(net, x[:n], y[:n], [t], a.seed)[t] for name, net in nets.items()}
     rows.append(next(iter(preds.values()))[0])
@@ -257,4 +257,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

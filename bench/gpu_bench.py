@@ -17,6 +17,7 @@ Sections, in the order they run (a section that would overrun --budget-s is skip
   memory            bare eager step at each --memory-batches, without and with activation checkpointing
   variants          bare eager step with candidate optimisations (fused AdamW, channels-last head)
   sample-compiled-large   --sample-batch compiled (default mode) with bf16 weights
+  train-compiled-full     (only with --only) bare loop with the whole network as one compiled graph
 
 Golden equivalence: every optimised variant is compared with the plain eager computation on the same input
 (`rel diff` = ||out - ref|| / ||ref||, float32). Its scale is the difference that bf16 itself makes:
@@ -49,11 +50,12 @@ from dip_scale.diffusion.sampler import SamplerConfig, sample, sample_noise  # n
 from dip_scale.models.dip import build_model  # noqa: E402
 
 SECTIONS = ("train-eager", "train-compiled", "sample-eager", "sample-compiled", "memory", "variants",
-            "sample-compiled-large")
+            "sample-compiled-large", "train-compiled-full")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # train-compiled-full only when asked for (--only): another ~2 min compile
 # Rough cost of each section for DiP-XL/16 on an H100/H200, in seconds (compilation ~100-140 s for the
 # training step, ~65 s for CUDA-graph sampling); used to skip what would overrun the budget.
-XL_COST_S = {"train-eager": 60, "train-compiled": 200, "sample-eager": 50, "sample-compiled": 90, "memory": 50,
-             "variants": 50, "sample-compiled-large": 80}
+XL_COST_S = {"train-eager": 60, "train-compiled": 220, "sample-eager": 40, "sample-compiled": 90, "memory": 30,
+             "variants": 35, "sample-compiled-large": 80, "train-compiled-full": 220}
 GIB = 2**30
 
 
@@ -96,7 +98,7 @@ class Plan:
 def make_plan(a: argparse.Namespace) -> Plan:
     gpu = torch.cuda.is_available() and not a.cpu
     pick = (lambda g, c: g) if gpu else (lambda g, c: c)
-    sections = tuple(a.only.split(",")) if a.only else SECTIONS
+    sections = tuple(a.only.split(",")) if a.only else DEFAULT_SECTIONS
     skip = set(a.skip.split(",")) if a.skip else set()
     unknown = (set(sections) | skip) - set(SECTIONS)
     if unknown:
@@ -116,7 +118,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
         guidance_interval=tuple(a.guidance_interval),
         memory_batches=tuple(int(b) for b in (a.memory_batches or pick("32,64,128", "2,4,8")).split(",")),
         sections=tuple(s for s in sections if s not in skip),
-        budget_s=a.budget_s if a.budget_s is not None else pick(450.0, 0.0),
+        budget_s=a.budget_s if a.budget_s is not None else pick(480.0, 0.0),
         profile=a.profile if a.profile is not None else gpu,
         compile_backend=a.compile_backend,
         out=Path(a.out) if a.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else None),
@@ -147,6 +149,7 @@ class Bench:
             "device": tb.device_name(plan.device),
             "torch": torch.__version__, "python": sys.version.split()[0], "cuda": torch.version.cuda,
             "peak_flops": self.peak, "forward_flops_per_image": self.forward_flops}
+        self.details["environment"]["packages"] = package_versions()
         if plan.out:
             plan.out.mkdir(parents=True, exist_ok=True)
 
@@ -198,24 +201,42 @@ class Bench:
             (self.plan.out / "gpu_bench.json").write_text(json.dumps(self.details, indent=2, default=str))
 
     def table(self) -> str:
-        env = self.details["environment"]
-        p = self.plan
-        lines = [f"DiP speed: {p.preset} at {p.image_size} px on {env['device']}, torch {env['torch']}"
-                 + (f", MFU against {self.peak / 1e12:.0f} TFLOP/s" if self.peak else ""),
-                 f"forward {self.forward_flops / 1e9:.2f} GFLOP/image (counted); training counts 3x, sampling "
-                 "1x per network evaluation",
-                 f"{'section':<16} {'what':<44} {'img/s':>9} {'MFU':>6} {'seconds':>9} {'peak GiB':>9} "
-                 f"{'rel diff':>9}  note"]
-        for r in self.rows:
-            lines.append(f"{r['section']:<16} {r['what']:<44} {_num(r['img_s'], '.2f'):>9} "
-                         f"{_num(r['mfu'], '.1%'):>6} {_num(r['seconds'], '.3f'):>9} "
-                         f"{_num(r['peak_gib'], '.1f'):>9} {_num(r['rel_diff'], '.1e'):>9}  {r['note']}")
-        for s in self.skipped:
-            lines.append(f"skipped: {s}")
-        for e in self.errors:
-            lines.append(f"error: {e}")
-        lines.append(f"total {self.elapsed:.0f} s")
-        return "\n".join(lines)
+        self.save()
+        return format_table(self.details)
+
+
+def format_table(details: dict) -> str:
+    """The printed table, from the details (also from a saved gpu_bench.json: --table-from)."""
+    env, p = details["environment"], details["plan"]
+    peak = env["peak_flops"]
+    lines = [f"DiP speed: {p['preset']} at {p['image_size']} px on {env['device']}, torch {env['torch']}"
+             + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""),
+             f"forward {env['forward_flops_per_image'] / 1e9:.2f} GFLOP/image (counted); training counts 3x, "
+             "sampling 1x per network evaluation",
+             f"{'section':<16} {'what':<44} {'img/s':>9} {'MFU':>6} {'seconds':>9} {'peak GiB':>9} "
+             f"{'rel diff':>9}  note"]
+    for r in details["rows"]:
+        lines.append(f"{r['section']:<16} {r['what']:<44} {_num(r['img_s'], '.2f'):>9} "
+                     f"{_num(r['mfu'], '.1%'):>6} {_num(r['seconds'], '.3f'):>9} "
+                     f"{_num(r['peak_gib'], '.1f'):>9} {_num(r['rel_diff'], '.1e'):>9}  {r['note']}")
+    lines += [f"skipped: {s}" for s in details["skipped"]]
+    lines += [f"error: {e}" for e in details["errors"]]
+    lines.append(f"total {details['elapsed_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the stack the benchmark needs; what does not import is reported, not fatal (the Composer
+    rows then fail and say why, the bare loop and the sampler still run)."""
+    import importlib
+
+    out = {}
+    for name in ("composer", "streaming", "omegaconf", "tqdm", "PIL", "numpy", "dip_scale.train.build"):
+        try:
+            out[name] = str(getattr(importlib.import_module(name), "__version__", "ok"))
+        except Exception as err:
+            out[name] = f"MISSING ({type(err).__name__}: {err})"
+    return out
 
 
 def _num(v, fmt: str) -> str:
@@ -385,15 +406,31 @@ def train_section(bench: Bench, compiled: bool) -> None:
             r = summary[name]
             note = f"min {r['img_s_min']:.1f} max {r['img_s_max']:.1f}"
             if compiled:
-                note += f"; first round (compile) {first_round_s:.0f} s"
+                note += f"; compile + warm-up {build_s.get(name, 0) + first_round_s:.0f} s"
             bench.row(tag, f"{name}, batch {s.batch}", r["img_s"], r["mfu"], s.batch / r["img_s"],
                       peak if name == "bare" else None, bare.rel_diff if name == "bare" and compiled else None,
                       note)
     if "overhead_ratio" in summary:
-        bench.row(tag, "overhead ratio bare/composer", note=f"{summary['overhead_ratio']:.3f}")
+        bench.row(tag, "overhead ratio bare/composer", note=f"{summary['overhead_ratio']:.3f} (median of round "
+                  f"pairs {summary['paired_overhead_ratio']:.3f})")
     if not compiled and s.amp:
         bench.row(tag, "rounding: bf16 autocast vs fp32 forward", rel_diff=bare.rounding)
     del bare, paths
+
+
+def compiled_full_section(bench: Bench) -> None:
+    """The bare loop with torch.compile of the whole network instead of block by block."""
+    p = bench.plan
+    s = p.step_settings(compile=True, compile_scope="full")
+    t = time.monotonic()
+    runner = CheckedBareLoop(s)
+    runner.run(1, 1)
+    compile_s = time.monotonic() - t
+    rates = [s.batch * p.steps / runner.run(p.warmup, p.steps) for _ in range(p.rounds)]
+    img_s = statistics.median(rates)
+    bench.row("train compiled", f"bare, batch {s.batch}, whole-network graph", img_s,
+              bench.mfu(img_s, 3 * bench.forward_flops), s.batch / img_s, peak_gib(bench.device), runner.rel_diff,
+              f"compile + warm-up {compile_s:.0f} s")
 
 
 def memory_section(bench: Bench) -> None:
@@ -620,18 +657,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--only", help=f"comma list of sections to run, of {','.join(SECTIONS)}")
     a.add_argument("--skip", help="comma list of sections to leave out")
     a.add_argument("--budget-s", type=float, help="skip sections that would end past this many seconds "
-                   "(GPU 450, CPU 0 = no limit)")
+                   "(GPU 480, CPU 0 = no limit)")
     a.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                    help="profile a few bare steps per training section (default on a GPU)")
     a.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the sampling sections (aot_eager checks that path on a CPU)")
     a.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared CPU)")
     a.add_argument("--out", help="folder for gpu_bench.json and profiles (default $OUT)")
+    a.add_argument("--table-from", metavar="JSON", help="only print the table of a saved gpu_bench.json")
     return a.parse_args(argv)
 
 
-def main(argv=None) -> Bench:
+def main(argv=None) -> Bench | None:
     a = parse_args(argv)
+    if a.table_from:
+        print(format_table(json.loads(Path(a.table_from).read_text())))
+        return None
     if a.threads:
         torch.set_num_threads(a.threads)
     tb.quiet()
@@ -639,8 +680,10 @@ def main(argv=None) -> Bench:
     if plan.gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     bench = Bench(plan)
-    print(f"gpu_bench: {plan.preset} at {plan.image_size} px on {bench.details['environment']['device']}; "
-          f"sections {', '.join(plan.sections)}; budget {plan.budget_s or 'none'} s", flush=True)
+    env = bench.details["environment"]
+    print(f"gpu_bench: {plan.preset} at {plan.image_size} px on {env['device']}; python {env['python']}, torch "
+          f"{env['torch']}, {', '.join(f'{k} {v}' for k, v in env['packages'].items())}", flush=True)
+    print(f"sections {', '.join(plan.sections)}; budget {plan.budget_s or 'none'} s", flush=True)
     bench.section("train-eager", lambda: train_section(bench, compiled=False))
     bench.section("train-compiled", lambda: train_section(bench, compiled=True))
     bench.section("sample-eager", lambda: sample_eager_section(bench))
@@ -648,6 +691,7 @@ def main(argv=None) -> Bench:
     bench.section("memory", lambda: memory_section(bench))
     bench.section("variants", lambda: variants_section(bench))
     bench.section("sample-compiled-large", lambda: sample_compiled_section(bench, large=True))
+    bench.section("train-compiled-full", lambda: compiled_full_section(bench))
     bench.save()
     print(bench.table(), flush=True)
     if plan.out:
@@ -656,4 +700,5 @@ def main(argv=None) -> Bench:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main().errors else 0)
+    bench = main()
+    sys.exit(1 if bench is not None and bench.errors else 0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs: what the machine is, whether our stack imports, then
-# bench/gpu_bench.py (training step, sampling, memory; see its docstring), with the table printed last.
+# The one script a GPU session runs: what the machine is, then bench/gpu_bench.py (training step, sampling,
+# memory; see its docstring), which first lists the versions of our stack (and what fails to import), and
+# prints its table last.
 #
 # On the GPU machine (torch there, our other packages carried as wheels in .whl/, see
 # ../shared/gpu/README.md), from the repository root:
@@ -9,9 +10,9 @@
 # On a CPU (what CI checks): BENCH_ARGS="--cpu" bash bench/gpu_check.sh
 #
 # Environment (defaults in brackets):
-#   OUT         folder for gpu_bench.json, gpu_bench.txt, profiles and logs [runs/gpu_check]
-#   BUDGET_S    gpu_bench skips sections that would end later than this [450]
-#   TIMEOUT_S   hard limit for the benchmark process [BUDGET_S + 90]
+#   OUT         folder for gpu_bench.json, gpu_bench.txt, gpu_bench.log and the profiles [runs/gpu_check]
+#   BUDGET_S    gpu_bench skips sections that would end later than this [480]
+#   TIMEOUT_S   hard limit for the benchmark process [BUDGET_S + 60]
 #   PRESET      model preset [DiP-XL/16 on a GPU]
 #   BENCH_ARGS  further gpu_bench.py flags, e.g. "--skip memory" or "--only train-eager,sample-eager"
 #   PYTHON      interpreter [python3]
@@ -19,8 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/gpu_check}
-BUDGET_S=${BUDGET_S:-450}
-TIMEOUT_S=${TIMEOUT_S:-$((${BUDGET_S%.*} + 90))}
+BUDGET_S=${BUDGET_S:-480}
+TIMEOUT_S=${TIMEOUT_S:-$((${BUDGET_S%.*} + 60))}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export OUT
@@ -34,33 +35,13 @@ else
   echo "no nvidia-smi: CPU only"
 fi
 
-echo "== packages"
-"$PYTHON" - <<'EOF' 2>&1 | tee "$OUT/environment.txt"
-import importlib
-import sys
-
-import torch
-
-print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}  "
-      f"gpu {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-missing = []
-for name in ("composer", "streaming", "omegaconf", "tqdm", "PIL", "numpy", "boto3", "dip_scale.train.build"):
-    try:
-        module = importlib.import_module(name)
-        print(f"  {name:<22} {getattr(module, '__version__', 'ok')}")
-    except Exception as err:  # report every missing piece, then let the benchmark run what it can
-        missing.append(name)
-        print(f"  {name:<22} MISSING: {type(err).__name__}: {err}")
-if missing:
-    print(f"missing: {', '.join(missing)} (the Composer rows will fail; the bare loop and the sampler still run)")
-EOF
-
 echo "== gpu_bench (budget ${BUDGET_S} s)"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 timeout "$TIMEOUT_S" "$PYTHON" bench/gpu_bench.py --budget-s "$BUDGET_S" ${PRESET:+--preset "$PRESET"} ${BENCH_ARGS:-} \
   2>&1 | tee "$OUT/gpu_bench.log"
 status=${PIPESTATUS[0]}
-if [ "$status" -eq 124 ]; then
-  echo "gpu_bench stopped after ${TIMEOUT_S} s; the sections finished so far are in $OUT/gpu_bench.json"
+if [ "$status" -eq 124 ] && [ -f "$OUT/gpu_bench.json" ]; then
+  echo "gpu_bench stopped after ${TIMEOUT_S} s; the sections finished so far:"
+  "$PYTHON" bench/gpu_bench.py --table-from "$OUT/gpu_bench.json"
 fi
 exit "$status"

@@ -44,7 +44,8 @@ def test_models_share_the_trunk_and_the_deeper_baseline_is_at_least_as_large(f3)
     configs = f3.model_configs(a)
     assert list(configs) == ["DiT-only", "DiP", "DiT-only deeper"]
     dit, dip, deeper = configs.values()
-    assert (dit.depth, dit.hidden_size, dit.num_heads, dit.patch_size) == (dip.depth, dip.hidden_size, dip.num_heads, 16)
+    trunk = ("depth", "hidden_size", "num_heads", "patch_size", "num_classes")
+    assert [getattr(dit, k) for k in trunk] == [getattr(dip, k) for k in trunk] and dip.patch_size == 16
     assert (dit.detailer_head, dip.detailer_head, deeper.detailer_head) == ("none", "unet", "none")
     assert f3.count_params(deeper) >= f3.count_params(dip) > f3.count_params(dit)
     assert deeper.depth > dit.depth and deeper.hidden_size == dit.hidden_size

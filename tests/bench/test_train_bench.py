@@ -49,7 +49,9 @@ def test_script_prints_both_paths_and_the_overhead_ratio(bench_script, tmp_path)
     table = done.stdout
     assert re.search(r"^train step: DiP-tiny/16 at 32 px, batch 2, eager, fp32 on CPU", table, re.M)
     rates = {name: float(re.search(rf"^{name}\s+([\d.]+)\s", table, re.M).group(1)) for name in ("composer", "bare")}
-    ratio = float(re.search(r"^overhead ratio \(bare / composer img/s\): ([\d.]+)$", table, re.M).group(1))
+    found = re.search(r"^overhead ratio \(bare / composer img/s\): ([\d.]+); median of the rounds' ratios: ([\d.]+)$",
+                      table, re.M)
+    ratio, paired = float(found.group(1)), float(found.group(2))
 
     result = json.loads(out.read_text())
     paths = result["paths"]
@@ -59,4 +61,7 @@ def test_script_prints_both_paths_and_the_overhead_ratio(bench_script, tmp_path)
         assert paths[name]["mfu"] is None  # no peak FLOP/s on a CPU
     assert paths["overhead_ratio"] == pytest.approx(paths["bare"]["img_s"] / paths["composer"]["img_s"])
     assert ratio == pytest.approx(paths["overhead_ratio"], abs=1e-3)
+    pairs = sorted(b / c for c, b in zip(paths["composer"]["rounds"], paths["bare"]["rounds"]))
+    assert paired == pytest.approx(paths["paired_overhead_ratio"], abs=1e-3)
+    assert paths["paired_overhead_ratio"] == pytest.approx(sum(pairs) / 2)  # the median of two rounds
     assert result["train_flops_per_image"] == 3 * forward_flops(PRESETS["DiP-tiny/16"], (32, 32))
