@@ -191,6 +191,9 @@ def format_table(report: dict) -> str:
     lines.append(f"{s['steps']} steps x batch {s['batch']} on {s['train_images']} images, {s['image_size']} px, "
                  f"patch 16, trunk depth {s['depth']} width {s['hidden_size']}; eval on {s['eval_images']} held-out "
                  f"images; HF above {s['hf_radius']} cycles/px; loss = mean flow loss of the last 10% of steps")
+    if s["hidden_size"] < 3 * 16 * 16:
+        lines.append(f"note: width {s['hidden_size']} < 768 values of a 16x16 patch, so DiT-only's linear output is "
+                     "rank-limited per patch (the paper's XL has 1152); compare with --hidden-size 768 --num-heads 12")
     return "\n".join(lines)
 
 

@@ -601,7 +601,7 @@ def sample_eager_section(bench: Bench) -> None:
         reset_peak(bench.device)
         sec, out = sm.run(model, p.sample_batch, sm.cfg_large, amp, repeats=1)
         sm.report(f"batch {p.sample_batch}, {label}", sec, p.sample_batch, sm.cfg_large, out, large_ref,
-                  large_note + ("; rel diff vs autocast" if large_ref is not None else ""))
+                  large_note + (f"; rel diff vs {amp_label}" if large_ref is not None else ""))
         large_ref = out if large_ref is None else large_ref
         free_memory()
 
@@ -625,7 +625,7 @@ def sample_compiled_section(bench: Bench, large: bool) -> None:
     sec, out = sm.run(model, batch, cfg, None, repeats=1 if large else 3)
     graphs = model.cudagraphs and p.gpu
     what = f"batch {batch}, compiled{' (CUDA graphs)' if graphs else ''}, bf16 w."
-    note = f"compile + warm-up {compile_s:.0f} s; rel diff vs eager autocast"
+    note = f"compile + warm-up {compile_s:.0f} s; rel diff vs eager {'bf16 autocast' if sm.amp else 'fp32'}"
     if large:
         note += f"; timed {cfg.steps} steps, scaled to {p.sample_steps}"
     sm.report(what, sec, batch, cfg, out, ref, note)

@@ -353,6 +353,7 @@ def quiet():
     warnings.filterwarnings("ignore")
     logging.getLogger("composer").setLevel(logging.ERROR)
     logging.getLogger("dip_scale").setLevel(logging.WARNING)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notes on a CPU
 
 
 def run(s: StepSettings, warmup: int, steps: int, rounds: int, only: str | None = None) -> dict:
