@@ -170,6 +170,9 @@ def assert_final_equals_straight(straight: Path, *run_dirs: Path) -> None:
 
 @pytest.mark.slow
 def test_second_signal_truncated_checkpoint_and_stale_latest(tmp_path, epoch_shards, straight_run):
+    """A second SIGTERM while the first one's checkpoint is written exits at once, leaving it partial; then the
+    newest complete checkpoint is truncated, a manifest-less copy sits after it and `latest` names a missing
+    one: the rerun resumes from the newest intact checkpoint, warns about each, and ends as if uninterrupted."""
     args = data_args(epoch_shards, tmp_path / "ckpt")
     run_dir = tmp_path / "ckpt" / RUN_NAME
     first = start(tmp_path / "1", args, run_dir)
@@ -185,6 +188,9 @@ def test_second_signal_truncated_checkpoint_and_stale_latest(tmp_path, epoch_sha
     except psutil.NoSuchProcess:
         pass  # the first checkpoint was already done and the process gone
     assert first.wait() == EXIT_PREEMPTED, first.log()
+    if "second signal" in first.log():  # it came while the checkpoint was being written: that one stays partial
+        partial = list((run_dir / "checkpoints").glob("*.tmp"))
+        assert partial and not any((p / MANIFEST).exists() for p in partial), first.log()
     # Whatever the second signal interrupted: every checkpoint that looks complete is.
     complete = complete_steps(run_dir)
     assert find_resume_checkpoint(run_dir)[0] == max(complete)
