@@ -5,7 +5,7 @@ checkpointing. Prints a table (img/s, MFU from counted FLOPs, latency, peak memo
 the reference computation, card name) and writes every detail to $OUT/gpu_bench.json.
 
     python bench/gpu_bench.py                              # GPU: DiP-XL/16 at 256 px, within --budget-s
-    python bench/gpu_bench.py --skip train-compiled,memory # leave sections out (see --sections)
+    python bench/gpu_bench.py --skip train-compiled,memory # leave sections out (or --only a,b)
     python bench/gpu_bench.py --cpu                        # CPU mode: DiP-tiny/16 at 32 px, every section
     bash bench/gpu_check.sh                                # what a GPU session runs (installs, then this)
 
@@ -15,13 +15,15 @@ Sections, in the order they run (a section that would overrun --budget-s is skip
   sample-eager      batch 1 and --sample-batch: bf16 autocast (what dip-sample does) and bf16 weights
   sample-compiled   batch 1: torch.compile(mode="reduce-overhead") (CUDA graphs) of the bf16-weight model
   memory            bare eager step at each --memory-batches, without and with activation checkpointing
-  variants          bare eager step with candidate optimisations (fused AdamW, channels-last head)
+  variants          bare eager step with candidate optimisations (channels-last head; on a GPU also fused
+                    AdamW and cuDNN attention), see docs/perf_log.md
   sample-compiled-large   --sample-batch compiled (default mode) with bf16 weights
   train-compiled-full     (only with --only) bare loop with the whole network as one compiled graph
 
 Golden equivalence: every optimised variant is compared with the plain eager computation on the same input
 (`rel diff` = ||out - ref|| / ||ref||, float32). Its scale is the difference that bf16 itself makes:
-`rounding` rows give ||bf16 autocast - fp32|| / ||fp32|| for the same forward / the same sample.
+the `rounding` row gives ||bf16 autocast - fp32|| / ||fp32|| for the same forward, and the batch-1 sampling
+rows give each sample's difference to the float32 sample.
 Sampling throughput at the large batch is measured over --sample-steps-large steps and reported for a
 --sample-steps run by counting network evaluations (guided steps run the batch twice).
 """
