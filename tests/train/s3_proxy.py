@@ -11,7 +11,7 @@ Switching away from "up" also cuts the connections in flight, so an upload in pr
 
 from __future__ import annotations
 
-import select
+import selectors
 import socket
 import socketserver
 import threading
@@ -90,10 +90,15 @@ class FaultyProxy:
             return
         with self.changed:
             self._open.update((client, upstream))
+        # A selector (epoll on Linux), not select.select: a long test session holds more than 1024 file
+        # descriptors, and select() cannot watch a descriptor numbered above that.
+        sel = selectors.DefaultSelector()
         try:
-            while True:
-                readable, _, _ = select.select([client, upstream], [], [], 1.0)
-                for src in readable:
+            sel.register(client, selectors.EVENT_READ)
+            sel.register(upstream, selectors.EVENT_READ)
+            while client.fileno() >= 0 and upstream.fileno() >= 0:  # set() closes them to cut the relay
+                for key, _ in sel.select(timeout=1.0):
+                    src = key.fileobj
                     data = src.recv(65536)
                     if not data:
                         return
@@ -101,6 +106,7 @@ class FaultyProxy:
         except (OSError, ValueError):  # cut by set(): the sockets were closed under us
             return
         finally:
+            sel.close()
             with self.changed:
                 self._open.difference_update((client, upstream))
             _close(client)
