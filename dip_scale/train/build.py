@@ -241,6 +241,8 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         save_folder=None,
         python_log_level=None,
     )
+    if recipe.parallelism.strategy == "fsdp":
+        parallel.average_gradients_on_gloo(model)  # the Trainer has sharded it in place by now
     return trainer, paths
 
 
