@@ -10,14 +10,14 @@ the reference computation, card name) and writes every detail to $OUT/gpu_bench.
     bash bench/gpu_check.sh                                # what a GPU session runs (installs, then this)
 
 Sections, in the order they run (a section that would overrun --budget-s is skipped and listed):
+  memory            bare eager step at each --memory-batches, without and with activation checkpointing
   train-eager       Composer path and bare loop, alternating rounds (bench/train_bench.py); overhead ratio
   train-compiled    the same with train.compile (regional torch.compile of the blocks and the head)
   sample-eager      batch 1 and --sample-batch: bf16 autocast (what dip-sample does) and bf16 weights
-  sample-compiled   batch 1: torch.compile(mode="reduce-overhead") (CUDA graphs) of the bf16-weight model
-  memory            bare eager step at each --memory-batches, without and with activation checkpointing
-  variants          bare eager step with candidate optimisations (channels-last head; on a GPU also fused
-                    AdamW and cuDNN attention), see docs/perf_log.md
-  sample-compiled-large   --sample-batch compiled (default mode) with bf16 weights
+  sample-compiled   batch 1: what dip-sample/dip-eval --compile run (bf16 weights, torch.compile, CUDA graphs)
+  variants          bare eager step with alternatives to what training does (the other AdamW kernel; on a
+                    GPU each attention backend forced), see docs/perf_log.md
+  sample-compiled-large   the same at --sample-batch
   train-compiled-full     (only with --only) bare loop with the whole network as one compiled graph
 
 Golden equivalence: every optimised variant is compared with the plain eager computation on the same input
@@ -31,7 +31,7 @@ Sampling throughput at the large batch is measured over --sample-steps-large ste
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import dataclasses
 import gc
 import json
@@ -48,16 +48,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_bench as tb  # noqa: E402  (sibling script)
 
-from dip_scale.diffusion.sampler import SamplerConfig, sample, sample_noise  # noqa: E402
+from dip_scale.diffusion.sampler import SamplerConfig, prepare_for_sampling, sample, sample_noise  # noqa: E402
 from dip_scale.models.dip import build_model  # noqa: E402
 
-SECTIONS = ("train-eager", "train-compiled", "sample-eager", "sample-compiled", "memory", "variants",
+SECTIONS = ("memory", "train-eager", "train-compiled", "sample-eager", "sample-compiled", "variants",
             "sample-compiled-large", "train-compiled-full")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # train-compiled-full only when asked for (--only): another ~2 min compile
-# Rough cost of each section for DiP-XL/16 on an H100/H200, in seconds (compilation ~100-140 s for the
-# training step, ~65 s for CUDA-graph sampling); used to skip what would overrun the budget.
-XL_COST_S = {"train-eager": 60, "train-compiled": 220, "sample-eager": 40, "sample-compiled": 90, "memory": 30,
-             "variants": 35, "sample-compiled-large": 80, "train-compiled-full": 220}
+# Seconds each section took for DiP-XL/16 on an H200 with torch 2.11 (compilation included: ~15-25 s for the
+# regional training graphs, ~45 s for CUDA-graph sampling); used to skip what would overrun the budget.
+XL_COST_S = {"memory": 15, "train-eager": 45, "train-compiled": 50, "sample-eager": 35, "sample-compiled": 55,
+             "variants": 45, "sample-compiled-large": 65, "train-compiled-full": 100}
 GIB = 2**30
 
 
@@ -285,9 +285,10 @@ def autocast(s: tb.StepSettings, enabled: bool = True):
 
 class CheckedBareLoop(tb.BareLoop):
     """The bare loop, plus the forward of its (transformed) network on a probe input next to the plain
-    eager network's, before any step changes the weights."""
+    eager network's, before any step changes the weights. `context` (a factory of context managers, e.g. an
+    SDPA backend choice) surrounds the variant's forward, not the reference's."""
 
-    def __init__(self, s: tb.StepSettings, **variants):
+    def __init__(self, s: tb.StepSettings, context=contextlib.nullcontext, **variants):
         probe = probe_inputs(s)
         torch.manual_seed(s.seed)
         with s.device:
@@ -298,7 +299,7 @@ class CheckedBareLoop(tb.BareLoop):
             self.rounding = rel_diff(self.reference, plain(*probe)) if s.amp else 0.0  # bf16 vs fp32
         del plain
         super().__init__(s, **variants)
-        with autocast(s):  # grad mode: the graph training uses
+        with context(), autocast(s):  # grad mode: the graph training uses
             out = self.net(*probe)
         self.rel_diff = rel_diff(out, self.reference)
         del out
@@ -479,24 +480,25 @@ def memory_section(bench: Bench) -> None:
 
 
 def variants_section(bench: Bench) -> None:
-    """Candidate optimisations applied from outside the model (docs/perf_log.md), eager, vs the plain loop."""
-    import contextlib
-
+    """Alternatives to what training does, eager, vs the plain loop (docs/perf_log.md): the other AdamW
+    kernel (foreach on a GPU, where training uses the fused one; fused on a CPU), and on a GPU each SDPA
+    backend forced in turn (torch picks one by itself in the plain loop)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     p = bench.plan
     flops = 3 * bench.forward_flops
     s = p.step_settings()
-    variants = [("plain", {}, contextlib.nullcontext), ("channels-last head", {"channels_last_head": True},
-                                                         contextlib.nullcontext)]
+    other_adamw = "foreach AdamW" if p.gpu else "fused AdamW"
+    variants = [("plain", {}, contextlib.nullcontext), (other_adamw, {"fused_adamw": not p.gpu},
+                                                        contextlib.nullcontext)]
     if p.gpu:  # CUDA kernels
-        variants += [("fused AdamW", {"fused_adamw": True}, contextlib.nullcontext),
-                     ("cuDNN attention", {}, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION))]
+        variants += [("cuDNN attention", {}, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
+                     ("flash attention", {}, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))]
     for name, kwargs, context in variants:
         try:
-            with context():
-                runner = CheckedBareLoop(s, **kwargs)
-                diff = runner.rel_diff
+            runner = CheckedBareLoop(s, context=context, **kwargs)
+            diff = runner.rel_diff
+            with context():  # the fp32 reference forward ran outside it: an attention backend may want bf16
                 runner.run(1, 1)
                 rates = [s.batch * p.steps / runner.run(p.warmup, p.steps) for _ in range(max(1, p.rounds - 1))]
             del runner
@@ -514,34 +516,6 @@ def variants_section(bench: Bench) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Sections: sampling
 # ----------------------------------------------------------------------------------------------------
-
-
-class InputCast(torch.nn.Module):
-    """Runs a network whose weights are in `dtype` on float32 sampler states (no autocast needed)."""
-
-    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x, t, y):
-        return self.net(x.to(self.dtype), t, y)
-
-
-class Graphed(torch.nn.Module):
-    """torch.compile(mode=...) of a sampling network; with CUDA graphs every call is a new graph step and
-    the output is copied out of the graph's memory before the next replay overwrites it."""
-
-    def __init__(self, net: torch.nn.Module, mode: str | None, backend: str = "inductor"):
-        super().__init__()
-        self.net = net
-        self.compiled = torch.compile(net, mode=mode if backend == "inductor" else None, dynamic=False,
-                                      backend=backend)
-        self.cudagraphs = mode == "reduce-overhead" and backend == "inductor"
-
-    def forward(self, x, t, y):
-        if self.cudagraphs and x.is_cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(x, t, y).clone()
 
 
 class Sampling:
@@ -565,8 +539,10 @@ class Sampling:
         y = (torch.arange(batch) % self.null).to(self.bench.device)
         return noise, y
 
-    def bf16_net(self) -> torch.nn.Module:
-        return InputCast(copy.deepcopy(self.net).to(torch.bfloat16), torch.bfloat16)
+    def bf16_net(self, compile: bool = False) -> torch.nn.Module:
+        """What dip-sample --compile and dip-eval --compile sample with (a bf16 copy, compiled)."""
+        return prepare_for_sampling(self.net, dtype=torch.bfloat16, compile=compile,
+                                    backend=self.bench.plan.compile_backend)
 
     def evaluations(self, cfg: SamplerConfig) -> int:
         """Network evaluations per image for one sample (a guided step runs cond and uncond)."""
@@ -624,14 +600,14 @@ def sample_eager_section(bench: Bench) -> None:
 
 
 def sample_compiled_section(bench: Bench, large: bool) -> None:
-    """bf16 weights, compiled; CUDA graphs at batch 1 (launch-bound), default mode at the large batch."""
+    """The product's compiled sampling (dip_scale.diffusion.sampler.prepare_for_sampling: bf16 weights,
+    torch.compile, CUDA graphs on a GPU) at batch 1 or at the large batch."""
     p = bench.plan
     sm = Sampling(bench)
     batch = p.sample_batch if large else 1
     cfg = sm.cfg_large if large else sm.cfg
-    mode = None if large else "reduce-overhead"
-    _, ref = sm.run(sm.net, batch, cfg, sm.amp, repeats=1)  # eager bf16 autocast, the path dip-sample takes
-    model = Graphed(sm.bf16_net(), mode, p.compile_backend)
+    _, ref = sm.run(sm.net, batch, cfg, sm.amp, repeats=1)  # eager bf16 autocast, the uncompiled path
+    model = sm.bf16_net(compile=True)
     t = time.perf_counter()
     # Warm-up covers both shapes: unguided steps (t < lo) run the batch once, guided steps twice.
     warm = dataclasses.replace(sm.cfg, steps=10)
@@ -640,7 +616,7 @@ def sample_compiled_section(bench: Bench, large: bool) -> None:
     compile_s = time.perf_counter() - t
     reset_peak(bench.device)
     sec, out = sm.run(model, batch, cfg, None, repeats=1 if large else 3)
-    graphs = model.cudagraphs and p.gpu
+    graphs = model.cuda_graphs and p.gpu
     what = f"batch {batch}, compiled{' (CUDA graphs)' if graphs else ''}, bf16 w."
     note = f"compile + warm-up {compile_s:.0f} s; rel diff vs eager {'bf16 autocast' if sm.amp else 'fp32'}"
     if large:
@@ -701,11 +677,11 @@ def main(argv=None) -> Bench | None:
     print(f"gpu_bench: {plan.preset} at {plan.image_size} px on {env['device']}; python {env['python']}, torch "
           f"{env['torch']}, {', '.join(f'{k} {v}' for k, v in env['packages'].items())}", flush=True)
     print(f"sections {', '.join(plan.sections)}; budget {plan.budget_s or 'none'} s", flush=True)
+    bench.section("memory", lambda: memory_section(bench))  # first: nothing else resident yet
     bench.section("train-eager", lambda: train_section(bench, compiled=False))
     bench.section("train-compiled", lambda: train_section(bench, compiled=True))
     bench.section("sample-eager", lambda: sample_eager_section(bench))
     bench.section("sample-compiled", lambda: sample_compiled_section(bench, large=False))
-    bench.section("memory", lambda: memory_section(bench))
     bench.section("variants", lambda: variants_section(bench))
     bench.section("sample-compiled-large", lambda: sample_compiled_section(bench, large=True))
     bench.section("train-compiled-full", lambda: compiled_full_section(bench))

@@ -43,6 +43,7 @@ import torch
 
 from dip_scale.diffusion.ema import ema_update, local_tensors, make_ema
 from dip_scale.diffusion.flow import FlowMatching, sample_seeds
+from dip_scale.models.detailer import channels_last_weights
 from dip_scale.models.dip import PRESETS, build_model
 from dip_scale.models.dit import DiTBlock
 
@@ -226,22 +227,26 @@ def prepare_like_training(net: torch.nn.Module, s: StepSettings) -> None:
 
 
 class BareLoop:
-    """forward, loss, backward, AdamW, EMA update: nothing else. `fused_adamw` and `channels_last_head` are
-    candidate optimisations (docs/perf_log.md), off by default."""
+    """forward, loss, backward, AdamW, EMA update: nothing else. The AdamW kernel is the one training uses
+    (fused on a GPU, dip_scale.train.optim.use_fused_adamw); `fused_adamw` overrides it to compare the two
+    (docs/perf_log.md)."""
 
     name = "bare"
 
-    def __init__(self, s: StepSettings, fused_adamw: bool = False, channels_last_head: bool = False):
+    def __init__(self, s: StepSettings, fused_adamw: bool | None = None):
         self.settings = s
         self.device = s.device
         torch.manual_seed(s.seed)
         with self.device:  # initialised where it trains: no host-side init of a 600M-parameter model
-            self.net = build_model(s.net_config)
+            self.net = channels_last_weights(build_model(s.net_config))  # as parallel.prepare does under ddp
         self.ema = make_ema(self.net)
-        if channels_last_head and self.net.detailer is not None:
-            self.net.detailer.to(memory_format=torch.channels_last)
         prepare_like_training(self.net, s)
         self.flow = FlowMatching(num_classes=s.net_config.num_classes)
+        if fused_adamw is None:
+            from dip_scale.train.optim import use_fused_adamw
+
+            fused_adamw = use_fused_adamw("gpu" if self.device.type == "cuda" else "cpu", "ddp")
+        self.fused_adamw = fused_adamw
         opt_args = dict(lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         if fused_adamw:
             opt_args["fused"] = True

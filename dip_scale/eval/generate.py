@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dip_scale.diffusion.sampler import SamplerConfig, sample, sample_noise, to_uint8
+from dip_scale.diffusion.sampler import SamplerConfig, prepare_for_sampling, sample, sample_noise, to_uint8
 
 
 def world() -> tuple[int, int]:
@@ -123,7 +123,10 @@ def generate(model: nn.Module, *, num_samples: int, seed: int, sampler: SamplerC
     plan = Plan(num_samples, batch_size, world_size)
     if autocast_dtype == "auto":
         autocast_dtype = default_autocast(device)
-    net = torch.compile(model, dynamic=False) if compile_model else model
+    net = model
+    if compile_model:  # weights cast once instead of autocast, compiled (CUDA graphs on a GPU)
+        net = prepare_for_sampling(model, dtype=autocast_dtype, compile=True)
+        autocast_dtype = None
     bar = tqdm(total=plan.count(rank), unit="img", disable=not progress or rank != 0, dynamic_ncols=True,
                desc=f"sampling (rank 0 of {world_size}, {num_samples} in all)" if world_size > 1 else "sampling")
     with bar:

@@ -29,7 +29,7 @@ from dip_scale.train.callbacks.sample_log import SampleLog
 from dip_scale.train.checkpoints import fetch_checkpoint, resume_candidates
 from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
 from dip_scale.train.module import DiPComposerModel
-from dip_scale.train.optim import GuardedAdamW
+from dip_scale.train.optim import GuardedAdamW, use_fused_adamw
 from dip_scale.train.storage import StoreUnavailable, is_remote, open_store
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,9 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     else:
         o = recipe.optim
         trainable = [p for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        fused = use_fused_adamw(device, recipe.parallelism.strategy) or None  # None: torch's default path
+        optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 fused=fused)
 
     if dist.get_global_rank() == 0:
         paths.local_root.mkdir(parents=True, exist_ok=True)

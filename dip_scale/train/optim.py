@@ -24,6 +24,14 @@ def global_grad_norm(params: list[torch.Tensor]) -> float:
     return float(norm)
 
 
+def use_fused_adamw(device: str, strategy: str) -> bool:
+    """Whether to use torch's fused AdamW kernel: on GPUs under ddp, where the parameters stay plain tensors.
+    It updates every tensor in a few launches and reads each value once; for DiP-XL/16 on an H200 it cut the
+    optimizer's share of a training step (docs/perf_log.md). Under FSDP2 the optimizer holds DTensors and
+    keeps the multi-tensor (foreach) path; on CPUs the default path is kept. Same update up to rounding."""
+    return device == "gpu" and strategy == "ddp"
+
+
 class GuardedAdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)

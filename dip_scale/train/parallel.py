@@ -19,6 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from dip_scale.models.detailer import channels_last_weights
 from dip_scale.models.dit import DiTBlock
 from dip_scale.train.config import Recipe
 
@@ -52,6 +53,9 @@ def fsdp_config(recipe: Recipe, device_type: str) -> FSDP2Config:
 def prepare(model: nn.Module, recipe: Recipe, device_type: str) -> dict | None:
     """Mark, wrap and compile the training wrapper's networks; return Composer's parallelism_config."""
     strategy = recipe.parallelism.strategy
+    if strategy == "ddp":  # unsharded parameters only: FSDP2 refuses non-contiguous ones, DeepSpeed flattens
+        for net in (model.net, model.ema_net):  # both, so the EMA lerp pairs tensors of one layout
+            channels_last_weights(net)
     for net in (model.net, model.ema_net):
         for unit in shard_units(net):
             unit._fsdp_wrap = True

@@ -54,9 +54,9 @@ def test_gpu_check_in_cpu_mode_measures_every_section_but_compiled_training(benc
         for ckpt in ("no", "with"):
             assert rows[("memory", f"batch {b}, {ckpt} act. ckpt")]["img_s"] > 0
 
-    # Variants: the channels-last head computes the same function.
+    # Variants: the other AdamW kernel runs the same forward (the reference has an NCHW head: rounding).
     assert rows[("variants", "bare eager, plain")]["img_s"] > 0
-    assert rows[("variants", "bare eager, channels-last head")]["rel_diff"] < 1e-5
+    assert rows[("variants", "bare eager, fused AdamW")]["rel_diff"] < 1e-6  # channels-last head vs NCHW
 
     # The profile of the eager bare steps, by category.
     profile = details["profile"]["train eager"]["ms_per_step_by_category"]
@@ -68,6 +68,6 @@ def test_sections_that_do_not_fit_the_budget_are_skipped_and_listed(bench_script
     done = bench_script.run("gpu_bench.py", *SMALLEST, "--only", "sample-compiled,memory", "--budget-s", "0.001",
                             "--out", str(tmp_path))
     details = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert [s.split()[0] for s in details["skipped"]] == ["sample-compiled", "memory"]
+    assert [s.split()[0] for s in details["skipped"]] == ["memory", "sample-compiled"]  # run order
     assert details["rows"] == []
     assert "skipped: sample-compiled" in done.stdout and "skipped: memory" in done.stdout

@@ -69,3 +69,26 @@ def test_to_uint8_is_the_adm_layout():
     out = to_uint8(img)
     assert out.shape == (1, 2, 2, 3) and out.dtype == torch.uint8
     assert out[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255]
+
+
+def test_prepared_network_samples_what_the_model_does():
+    from dip_scale.diffusion.sampler import prepare_for_sampling
+    from dip_scale.models.dip import build_model
+
+    torch.manual_seed(0)
+    model = build_model("DiP-tiny/16").eval()
+    cfg = SamplerConfig(steps=4, guidance_scale=2.0, guidance_interval=(0.3, 1.0))  # both batch shapes
+    noise, y = sample_noise(range(2), (3, 32, 32), seed=1), torch.tensor([1, 4])
+    ref = sample(model, noise, y, cfg, null_class=10)
+
+    # bf16 weights on a copy: the model keeps its float32 weights; the samples differ by bf16 rounding only.
+    bf16 = prepare_for_sampling(model, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    out = sample(bf16, noise, y, cfg, null_class=10)
+    assert out.dtype == torch.float32
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 2e-2
+
+    # Compiled (aot_eager: the torch.compile path without a C++ toolchain): the same samples.
+    compiled = prepare_for_sampling(model, compile=True, backend="aot_eager")
+    torch.testing.assert_close(sample(compiled, noise, y, cfg, null_class=10), ref, rtol=1e-5, atol=1e-5)
+    assert prepare_for_sampling(model) is model  # nothing asked, nothing changed

@@ -195,3 +195,20 @@ def test_initialisation_follows_the_release():
     assert 0.018 < model.trunk.t_embedder.mlp[0].weight.std().item() < 0.022
     # adaLN is not zero-initialised (unlike DiT).
     assert torch.count_nonzero(model.trunk.blocks[0].adaLN_modulation.weight) > 0
+
+
+def test_channels_last_head_weights_compute_the_same_function():
+    from dip_scale.models.detailer import channels_last_weights
+
+    torch.manual_seed(0)
+    net = build_model("DiP-tiny/16")
+    x, t, y = torch.randn(2, 3, 32, 48), torch.rand(2), torch.tensor([1, 10])
+    ref = net(x, t, y)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert channels_last_weights(net) is net
+    conv = net.detailer.enc2[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close(net(x, t, y), ref, rtol=1e-5, atol=1e-6)
+    net.load_state_dict(state)  # a checkpoint written with NCHW weights loads into NHWC ones
+    assert net.detailer.enc2[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(x, t, y), ref, rtol=1e-5, atol=1e-6)
