@@ -53,6 +53,26 @@ def inception_weights(out: Path) -> tuple[str, bool]:
         return str(path if path.is_file() else write_random_weights(path)), False
 
 
+def write_real_grid(path: Path, classes: list[int], per_class: int, resolution: int) -> Path:
+    """Real training images of `classes` laid out like the sample grid (one column per class)."""
+    import numpy as np
+    import torch
+
+    from dip_scale.data.synthetic import synthetic_image
+    from dip_scale.train.callbacks.sample_grid import image_grid
+
+    found: dict[int, list[np.ndarray]] = {c: [] for c in classes}
+    index = 0
+    while any(len(v) < per_class for v in found.values()):
+        image, label = synthetic_image(index, resolution, seed=0)  # the train split's images, in order
+        if label in found and len(found[label]) < per_class:
+            found[label].append(image)
+        index += 1
+    rows = [found[c][i] for i in range(per_class) for c in classes]  # row-major, like the sample grid
+    image_grid(torch.from_numpy(np.stack(rows)), columns=len(classes)).save(path)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dip_scale.demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,9 +104,11 @@ def main(argv=None) -> int:
     table = run / "eval" / "results.csv"
     rows = sorted(csv.DictReader(table.open()), key=lambda r: int(r["step"])) if table.is_file() else []
     grids = sorted((run / "samples").glob("step-*.png"))
+    classes = [round(i * 9 / 7) for i in range(8)]  # the sample grid's default classes for 10 classes
+    real_grid = write_real_grid(out / "real_classes.png", classes, per_class=2, resolution=32)  # as SampleGrid
     print("\nDiP demo results")
     print(f"  sample grid (EMA, one column per class): {grids[-1] if grids else 'none'}")
-    print(f"  real images of the classes:              {out / 'data' / 'train'} (dip-sample / dip-prep verify)")
+    print(f"  real images of the same classes:         {real_grid}")
     print(f"  FID table: {table}")
     print(f"  FID plot:  {run / 'eval' / 'fid_vs_step.png'}")
     if rows:
