@@ -112,7 +112,8 @@ class TrainConfig:
 @dataclass
 class FSDPConfig:
     sharding: str = "full"
-    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid."""
+    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid (runs as full under
+    Composer 0.32, whose FSDP2 has no replicate dimension; a warning says so)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ and its EMA copy.
 
 from __future__ import annotations
 
-import os
+import logging
 
 import torch
 import torch.distributed as torch_dist
@@ -23,6 +23,8 @@ from dip_scale.models.detailer import channels_last_weights
 from dip_scale.models.dit import DiTBlock
 from dip_scale.train.config import Recipe
 
+log = logging.getLogger(__name__)
+
 
 def shard_units(net: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = list(net.trunk.blocks)
@@ -32,16 +34,12 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
 
 def fsdp_config(recipe: Recipe, device_type: str) -> FSDP2Config:
     sharding = recipe.parallelism.fsdp.sharding
-    mesh = None
     if sharding == "hybrid":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_local_world_size()))
-        nodes = dist.get_world_size() // local
-        mesh = init_device_mesh("cuda" if device_type == "gpu" else "cpu", (nodes, local),
-                                mesh_dim_names=("data_parallel_replicate", "data_parallel_shard"))
+        # Composer 0.32's FSDP2Config has no replicate degree, and its State replaces any mesh given here
+        # with a 1-D mesh over all ranks: hybrid sharding would silently be full sharding. Say so.
+        log.warning("parallelism.fsdp.sharding=hybrid runs as full sharding over all %d ranks: Composer 0.32's "
+                    "FSDP2 builds a one-dimensional device mesh (no replicate dimension)", dist.get_world_size())
     return FSDP2Config(
-        device_mesh=mesh,
         # ZeRO-3 frees gathered parameters after each unit's forward; ZeRO-2 keeps them until backward, so
         # only gradients and optimizer state stay sharded.
         reshard_after_forward=sharding != "grad_op",
