@@ -171,7 +171,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     net = build_model(net_config)
     flow = FlowMatching(num_classes=net_config.num_classes, label_dropout=recipe.objective.label_dropout)
     model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
-    parallelism = parallel.prepare(model, recipe, device)
+    parallelism = parallel.prepare(model, recipe)
 
     ds = None
     if recipe.parallelism.strategy == "deepspeed":

@@ -32,7 +32,7 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     return units
 
 
-def fsdp_config(recipe: Recipe, device_type: str) -> FSDP2Config:
+def fsdp_config(recipe: Recipe) -> FSDP2Config:
     sharding = recipe.parallelism.fsdp.sharding
     if sharding == "hybrid":
         # Composer 0.32's FSDP2Config has no replicate degree, and its State replaces any mesh given here
@@ -48,7 +48,7 @@ def fsdp_config(recipe: Recipe, device_type: str) -> FSDP2Config:
     )
 
 
-def prepare(model: nn.Module, recipe: Recipe, device_type: str) -> dict | None:
+def prepare(model: nn.Module, recipe: Recipe) -> dict | None:
     """Mark, wrap and compile the training wrapper's networks; return Composer's parallelism_config."""
     strategy = recipe.parallelism.strategy
     if strategy == "ddp":  # unsharded parameters only: FSDP2 refuses non-contiguous ones, DeepSpeed flattens
@@ -67,7 +67,7 @@ def prepare(model: nn.Module, recipe: Recipe, device_type: str) -> dict | None:
         for unit in shard_units(model.net):
             unit.compile()
     if strategy == "fsdp":
-        return {"fsdp": fsdp_config(recipe, device_type)}
+        return {"fsdp": fsdp_config(recipe)}
     return None
 
 
