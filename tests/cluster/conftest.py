@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+REQUEUE_DELAY_S = 3  # a requeued job starts this long after its requeue (Slurm's own delay: ~120 s)
 
 
 def _missing_reason() -> str | None:
@@ -60,6 +61,7 @@ class LocalSlurm:
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket.2"
         self.procs: dict[str, subprocess.Popen] = {}
+        self._requeued_since: dict[tuple[str, str | None], float] = {}  # (job id, restarts) -> first seen
         # Jobs inherit this environment (sbatch exports it), so scontrol inside a job finds this cluster.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
         self.env["SLURM_CONF"] = str(self.conf)
@@ -207,9 +209,18 @@ class LocalSlurm:
         raise AssertionError(f"job {job_id} not done within {timeout}s; last state {job}\n" + self.daemon_logs())
 
     def release_requeued(self, job: dict[str, str]) -> None:
-        """A requeued job waits ~120 s (Reason=BeginTime) before it may start again; start it now."""
+        """A requeued job waits ~120 s (Reason=BeginTime) before it may start again; start it after a few
+        seconds instead.
+
+        Not at once: slurmd may still be cleaning up the job's previous run, and a run launched then fails
+        in the same second with exit code 1 (seen about one time in three). And not with a start time a few
+        seconds ahead either: the scheduler would only notice it on its next pass, ~30-60 s later. So: note
+        when the requeue is first seen, and start it now once REQUEUE_DELAY_S have passed."""
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
-            self.scontrol("update", f"jobid={job['JobId']}", "starttime=now")
+            key = (job["JobId"], job.get("Restarts"))
+            first_seen = self._requeued_since.setdefault(key, time.monotonic())
+            if time.monotonic() - first_seen >= REQUEUE_DELAY_S:
+                self.scontrol("update", f"jobid={job['JobId']}", "starttime=now")
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
