@@ -17,12 +17,15 @@ For speed on a GPU, sample with a prepared network instead of autocast (bf16 wei
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from dip_scale.models.detailer import channels_last_weights
 
 METHODS = ("euler", "heun")
 
@@ -116,10 +119,6 @@ def prepare_for_sampling(model: nn.Module, *, dtype: torch.dtype | None = None, 
     """
     net = model
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
-        import copy
-
-        from dip_scale.models.detailer import channels_last_weights
-
         net = _CastInput(channels_last_weights(copy.deepcopy(model).to(dtype)), dtype)
     if compile:
         device = next(model.parameters()).device
