@@ -1,18 +1,20 @@
 # The two set-up commands of the README:
 #   make demo   create the environment, install, and run the embedded default (tiny DiP on synthetic data)
 #   make test   create the environment, install, and run the test suite
+# Installs take the exact versions in constraints.txt (the set CI passed with); `make lock` regenerates it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test lint lock bench clean-demo
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/pip install -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 demo: setup
@@ -20,6 +22,23 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Resolve the newest releases that pyproject.toml allows in a scratch environment and write them to
+# constraints.txt. Then review `git diff constraints.txt` and run `make test` (it reinstalls .venv from the
+# new file); commit constraints.txt only when the suite passes.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip setuptools wheel
+	.lock-venv/bin/pip install -q '.[test]'
+	{ echo "# Exact versions the test suite passed with: make setup / make test install with them."; \
+	  echo "# Regenerate with 'make lock' (newest releases allowed by pyproject.toml), then 'make test'."; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | grep -v -i '^dip[-_]scale'; } > $(CONSTRAINTS)
+	rm -rf .lock-venv
+	@echo "wrote $(CONSTRAINTS); now: git diff $(CONSTRAINTS) && make test"
 
 clean-demo:
 	rm -rf runs/demo

@@ -3,9 +3,7 @@ and the Composer Trainer that runs them."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from dip_scale.train.callbacks.sample_grid import SampleGrid
 from dip_scale.train.callbacks.sample_log import SampleLog
 from dip_scale.train.checkpoints import fetch_checkpoint, resume_candidates
 from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
+from dip_scale.train.loggers import wandb_logger
 from dip_scale.train.module import DiPComposerModel
 from dip_scale.train.optim import GuardedAdamW, use_fused_adamw
 from dip_scale.train.storage import StoreUnavailable, is_remote, open_store
@@ -103,20 +102,6 @@ def build_dataloader(recipe: Recipe, per_rank_batch: int):
     return build(remote=d.remote, local=d.local, streams=streams, batch_size=per_rank_batch, shuffle=d.shuffle,
                  shuffle_seed=d.shuffle_seed, num_canonical_nodes=d.num_canonical_nodes, num_workers=d.num_workers,
                  output="uint8", return_index=True)
-
-
-def wandb_logger(recipe: Recipe, paths: RunPaths):
-    w = recipe.logging.wandb
-    if not w.enabled or w.mode == "disabled":
-        return None
-    from composer.loggers import WandBLogger
-
-    # One wandb run per training run, whatever machine a resume lands on.
-    run_id = hashlib.sha1(f"{recipe.run_name}|{paths.remote or paths.local_root.resolve()}".encode()).hexdigest()[:16]
-    os.environ.setdefault("WANDB_MODE", w.mode)
-    return WandBLogger(project=w.project, entity=w.entity, name=recipe.run_name, rank_zero_only=True,
-                       init_kwargs={"id": run_id, "resume": "allow", "dir": str(paths.local_root),
-                                    "config": {"recipe": to_yaml(recipe)}})
 
 
 def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
@@ -222,7 +207,8 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
                                     paths.local_root, seed=recipe.seed))
     if recipe.eval.every:
         callbacks.append(scheduled_eval(recipe, paths, sampler))
-    loggers = [lg for lg in [wandb_logger(recipe, paths)] if lg is not None]
+    where = paths.remote or str(paths.local_root.resolve())
+    loggers = [lg for lg in [wandb_logger(recipe, where, str(paths.local_root))] if lg is not None]
 
     trainer = Trainer(
         model=ds.model if ds else model,
