@@ -8,21 +8,40 @@
 
 To resume, run the same command again: the newest intact checkpoint of the run (local, or in the S3
 save folder) is found and training continues from it. Exit status: 0 done, 2 bad recipe or input,
-3 stopped on a non-finite loss, 75 preempted after a checkpoint, or the checkpoint store unreachable at
-the start (requeue and rerun).
+3 stopped on a non-finite loss, 75 preempted after a checkpoint, or a store unreachable at the start
+(requeue and rerun).
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import os
+# A preemption can come at any moment of a start: before the heavy imports below, SIGTERM and SIGUSR1 already
+# mean "exit 75, try again later" (a requeue), not the default death by signal (143 / 138), which a job
+# script cannot tell from a crash. PreemptionCheckpoint takes over once training runs.
+import signal
 import sys
-import warnings
 
-from dip_scale.train.config import ConfigError, check_world_size, load_recipe, model_config, to_yaml
+from dip_scale.train.exits import EXIT_BAD_INPUT, EXIT_PREEMPTED, SIGNALS
 
-EXIT_BAD_INPUT = 2
+
+def _leave(signum, frame):
+    for sig in SIGNALS:  # on the way out: a second signal must not turn 75 into 143
+        signal.signal(sig, signal.SIG_IGN)
+    print(f"received {signal.Signals(signum).name} before training started: exiting with {EXIT_PREEMPTED}",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+
+
+def exit_on_signal() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _leave)
+
+
+exit_on_signal()
+
+import argparse  # noqa: E402  (after the handler: see above)
+import logging  # noqa: E402
+import os  # noqa: E402
+import warnings  # noqa: E402
+
+from dip_scale.recipe import ConfigError, check_world_size, load_recipe, model_config, to_yaml  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,16 +85,20 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="composer")
 
-    from composer.utils import dist
+    from composer.utils import dist  # installs Composer's own SIGTERM handler (exit 143): ours again below
 
+    exit_on_signal()
+    from dip_scale.storage import StoreUnavailable, s3_compatible_defaults
     from dip_scale.train.build import build_trainer, device_type
     from dip_scale.train.callbacks.checkpoint import finish_uploads
     from dip_scale.train.callbacks.nonfinite import NonFiniteStop
-    from dip_scale.train.callbacks.preemption import EXIT_PREEMPTED, Preempted, exit_on_signal, ignore_signals
-    from dip_scale.train.storage import StoreUnavailable
+    from dip_scale.train.callbacks.preemption import Preempted, ignore_signals
+    from dip_scale.train.preflight import check_inputs
 
-    exit_on_signal()  # a preemption during start-up is a requeue too
+    exit_on_signal()
+    s3_compatible_defaults()
     try:
+        check_inputs(recipe)
         dist.initialize_dist(device_type(recipe))
         trainer, paths = build_trainer(recipe)
     except ConfigError as err:
@@ -90,9 +113,6 @@ def main(argv=None) -> int:
         # A rerun (or a requeue) of a finished run: nothing left to train, only uploads to complete.
         finish_uploads(trainer)
         trainer.close()
-        if dist.get_global_rank() == 0:
-            print(f"run {recipe.run_name} was already complete at step {int(trainer.state.timestamp.batch)}: "
-                  f"{paths.local_root}")
         return 0
     try:
         trainer.fit()

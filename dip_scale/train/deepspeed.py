@@ -27,7 +27,7 @@ then `optimizer.step(closure)`, where the closure runs each micro-batch as `mode
             partition) into `step-N.tmp/deepspeed/`, and Composer's own state (timestamp, data position,
             callbacks, RNG of every rank) without model and optimizer into `state.pt` on rank 0. The saver
             adds the manifest. `load_checkpoint` restores the engine (on the same number of ranks: ZeRO
-            partitions are per rank); Composer loads `state.pt` (load_path). `checkpoint_weights` reads the
+            partitions are per rank); Composer loads `state.pt` (load_path). dip_scale.checkpoint reads the
             whole weights and EMA back without a process group, for sampling and evaluation.
 
 Precision: mixed precision is Composer's autocast (train.precision bf16 -> amp_bf16), as under ddp and fsdp,
@@ -57,11 +57,11 @@ from pathlib import Path
 import torch
 from composer.models import ComposerModel
 from composer.utils import dist
-from composer.utils.checkpoint import _save_checkpoint
+from composer.utils.checkpoint import save_checkpoint
 from torch import nn
 
 from dip_scale.diffusion.ema import local_tensors
-from dip_scale.train.config import ConfigError, Recipe, check_world_size
+from dip_scale.recipe import ConfigError, Recipe, check_world_size
 
 CHECKPOINT_DIR = "deepspeed"
 """Sub-folder of a checkpoint that holds the engine's files (`<tag>/...`)."""
@@ -96,7 +96,7 @@ def ds_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
     }
 
 
-def initialize(model: nn.Module, recipe: Recipe, device_type: str) -> "DeepSpeedRun":
+def initialize(model: nn.Module, recipe: Recipe, device_type: str) -> DeepSpeedRun:
     """Wrap the DiPComposerModel in a DeepSpeed engine and return what build.py hands to Composer."""
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
@@ -121,9 +121,9 @@ class DeepSpeedRun:
     engine: nn.Module
     model: ComposerModel
     """The Trainer's model."""
-    optimizer: "EngineOptimizer"
+    optimizer: EngineOptimizer
     """The Trainer's optimizer."""
-    writer: "DeepSpeedWriter"
+    writer: DeepSpeedWriter
     """CheckpointSaver's writer."""
     ema_tensors: object
     """EMAUpdate's `tensors`."""
@@ -145,7 +145,7 @@ class _EngineLoss(torch.Tensor):
     engine = None
 
     @classmethod
-    def wrap(cls, loss: torch.Tensor, engine) -> "_EngineLoss":
+    def wrap(cls, loss: torch.Tensor, engine) -> _EngineLoss:
         out = loss.as_subclass(cls)  # aliases `loss` and stays attached to its graph
         out.engine = engine
         return out
@@ -247,7 +247,7 @@ class DeepSpeedWriter:
         rank = dist.get_global_rank()
         self.engine.save_checkpoint(str(tmp / CHECKPOINT_DIR), tag=TAG, save_latest=False)  # ends with a barrier
         with _without(state, "model", "optimizers"):
-            _save_checkpoint(state, str(tmp / COMPOSER_STATE))  # rank 0 writes; every rank's RNG; barrier
+            save_checkpoint(state, str(tmp / COMPOSER_STATE))  # rank 0 writes; every rank's RNG; barrier
         # DeepSpeed names every per-rank file zero_pp_rank_<data-parallel rank>_...; the rest is rank 0's.
         mine = []
         for path in sorted((tmp / CHECKPOINT_DIR).rglob("*")):
@@ -259,24 +259,6 @@ class DeepSpeedWriter:
         if rank == 0:
             mine.append(COMPOSER_STATE)
         return mine, COMPOSER_STATE
-
-
-def checkpoint_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """The whole fp32 model state (`net.*`, `ema_net.*`, ...) and the step of a checkpoint folder, on CPU and
-    without a process group (for sampling, evaluation and tests)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    engine_dir = folder / CHECKPOINT_DIR
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG, exclude_frozen_parameters=False)
-    # Stage 1 keeps frozen parameters (the EMA) only in rank 0's whole module state.
-    whole = engine_dir / TAG / "mp_rank_00_model_states.pt"
-    if whole.is_file():
-        for name, tensor in torch.load(whole, map_location="cpu", weights_only=False)["module"].items():
-            weights.setdefault(name, tensor)
-    state = torch.load(folder / COMPOSER_STATE, map_location="cpu", weights_only=False)["state"]
-    # Names as in Composer's checkpoints: without the activation-checkpointing wrapper.
-    weights = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in weights.items()}
-    return weights, int(state["timestamp"]["Timestamp"]["batch"])
 
 
 def load_checkpoint(engine, folder: Path) -> None:

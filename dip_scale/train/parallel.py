@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dip_scale.models.detailer import channels_last_weights
 from dip_scale.models.dit import DiTBlock
-from dip_scale.train.config import Recipe
+from dip_scale.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     return units
 
 
+class FSDPConfig(FSDP2Config):
+    """Composer's FSDP2Config with the shards of a checkpoint in `sharded/` (dip_scale.checkpoint's layout)."""
+
+    @property
+    def sharded_ckpt_prefix_dir(self) -> str:
+        return "sharded"
+
+
 def fsdp_config(recipe: Recipe) -> FSDP2Config:
     sharding = recipe.parallelism.fsdp.sharding
     if sharding == "hybrid":
@@ -39,7 +47,7 @@ def fsdp_config(recipe: Recipe) -> FSDP2Config:
         # with a 1-D mesh over all ranks: hybrid sharding would silently be full sharding. Say so.
         log.warning("parallelism.fsdp.sharding=hybrid runs as full sharding over all %d ranks: Composer 0.32's "
                     "FSDP2 builds a one-dimensional device mesh (no replicate dimension)", dist.get_world_size())
-    return FSDP2Config(
+    return FSDPConfig(
         # ZeRO-3 frees gathered parameters after each unit's forward; ZeRO-2 keeps them until backward, so
         # only gradients and optimizer state stay sharded.
         reshard_after_forward=sharding != "grad_op",
@@ -65,7 +73,7 @@ def prepare(model: nn.Module, recipe: Recipe) -> dict | None:
         # Per unit, before sharding: regional compilation keeps compile time flat in depth and lets FSDP2
         # hooks sit between compiled regions.
         for unit in shard_units(model.net):
-            unit.compile()
+            unit.compile(backend=recipe.train.compile_backend)
     if strategy == "fsdp":
         return {"fsdp": fsdp_config(recipe)}
     return None

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.launch import PLAIN
+
 REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -250,7 +252,7 @@ TINY = REPO / "recipes" / "dip_tiny_cpu.yaml"
 TRAIN_SH = REPO / "cluster" / "train.sh"
 # Small enough for two CPU cores, long enough to be preempted in the middle.
 TRAIN_STEPS = 16
-TINY_OVERRIDES = [f"train.max_steps={TRAIN_STEPS}", "checkpoint.every=4", "logging.log_every=1",
+TINY_OVERRIDES = [*PLAIN, f"train.max_steps={TRAIN_STEPS}", "checkpoint.every=4", "logging.log_every=1",
                   "logging.sample_every=0"]
 
 
@@ -301,7 +303,7 @@ def model_tensors(checkpoint: Path) -> dict:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """256 synthetic 32x32 images as local MDS shards (the tiny recipe's data)."""
-    from dip_scale.data import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     out = tmp_path_factory.mktemp("data") / "synthetic-32"
     write_synthetic_shards(str(out), num_images=256, resolution=32, seed=0)

@@ -17,7 +17,7 @@ EVAL = REPO / "cluster" / "eval_fid.sh"
 
 
 def test_eval_job_writes_results(slurm, reference_job, tmp_path):
-    from dip_scale.data import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     reference = tmp_path / "reference"
     write_synthetic_shards(str(reference), num_images=10, resolution=32, seed=1)

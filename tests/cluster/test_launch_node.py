@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.cluster.conftest import REPO, TINY, free_port, model_tensors
+from tests.train.launch import PLAIN
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,8 @@ def start_node(tmp: Path, shards: Path, save: Path, nnodes: int, node_rank: int,
     env.update(NNODES=str(nnodes), NODE_RANK=str(node_rank), GPUS_PER_NODE=str(ranks), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), LOG_DIR=str(node / "logs"), PYTHON=sys.executable, TMPDIR=str(node / "tmp"),
                PYTHONUNBUFFERED="1")
-    cmd = [*PRIVATE_SHM, "bash", str(LAUNCH), str(TINY), f"data.remote={shards}", f"checkpoint.save_folder={save}",
+    cmd = [*PRIVATE_SHM, "bash", str(LAUNCH), str(TINY), *PLAIN, f"data.remote={shards}",
+           f"checkpoint.save_folder={save}",
            f"train.max_steps={STEPS}", f"checkpoint.every={STEPS}", "logging.log_every=1", "logging.sample_every=0"]
     out = open(node / "stdout.txt", "w")
     return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT), node

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tests.train.launch import ROOT, TINY, free_port
+from tests.train.launch import PLAIN, ROOT, TINY, free_port
 
 RUN_NAME = "tiny"
 NUM_IMAGES = 48
@@ -33,13 +32,13 @@ STEPS = 12
 EVERY = 4
 KEEP_LAST = 2
 MILESTONE = 4
-BASE = ["logging.sample_every=0", "logging.log_every=1", "logging.sample_ids=true", f"run_name={RUN_NAME}",
+BASE = [*PLAIN, "logging.sample_every=0", "logging.log_every=1", "logging.sample_ids=true", f"run_name={RUN_NAME}",
         f"train.global_batch_size={GLOBAL_BATCH}", "data.num_workers=0", f"train.max_steps={STEPS}",
         f"checkpoint.every={EVERY}", f"checkpoint.keep_last={KEEP_LAST}", f"checkpoint.milestones=[{MILESTONE}]"]
 
 
 def make_data(out: Path) -> str:
-    from dip_scale.data.synthetic import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     write_synthetic_shards(str(out), NUM_IMAGES, resolution=32, seed=0)
     return str(out)

@@ -19,8 +19,21 @@ from pathlib import Path
 import pytest
 
 from tests.train.launch import final_model
-from tests.train.runs import (EVERY, KEEP_LAST, MILESTONE, RUN_NAME, STEPS, assert_bitwise_equal,
-                              assert_each_epoch_once, checkpoint_state, data_args, losses, run, samples_by_step, start)
+from tests.train.runs import (
+    EVERY,
+    KEEP_LAST,
+    MILESTONE,
+    RUN_NAME,
+    STEPS,
+    assert_bitwise_equal,
+    assert_each_epoch_once,
+    checkpoint_state,
+    data_args,
+    losses,
+    run,
+    samples_by_step,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +157,8 @@ def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path, epoch_shards):
     assert first.wait() == EXIT_PREEMPTED, first.log()
     preempted = int(re.search(r"preempted at step (\d+)", first.log()).group(1))
     manifest = json.loads((run_dir / "checkpoints" / f"step-{preempted:09d}" / "manifest.json").read_text())
-    assert manifest["load"] == "sharded" and {"sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= manifest["files"].keys()
+    assert manifest["load"] == "sharded"
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= manifest["files"].keys()
 
     second = run(tmp_path / "2", data_args(epoch_shards, tmp_path / "ckpt") + args, run_dir, nproc=2)
     assert resumed_from(second.log()) == preempted

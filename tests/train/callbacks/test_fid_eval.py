@@ -16,9 +16,9 @@ from PIL import Image
 
 from tests.cluster.conftest import slurm  # noqa: F401  (the real one-node Slurm fixture)
 from tests.eval.images import blobs, make_test_inception_weights
+from tests.train.launch import PLAIN, TINY
 
 ROOT = Path(__file__).resolve().parents[3]
-TINY = ROOT / "recipes" / "dip_tiny_cpu.yaml"
 STEPS = 4
 
 
@@ -38,7 +38,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def shards(folder: Path) -> Path:
-    from dip_scale.data import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     write_synthetic_shards(str(folder), 32, 32, seed=0)
     return folder
@@ -48,10 +48,10 @@ def train(tmp: Path, overrides: list[str]):
     """The tiny recipe through build_trainer + fit, in this process; returns the run folder."""
     from composer.utils import dist
 
+    from dip_scale.recipe import load_recipe
     from dip_scale.train.build import build_trainer
-    from dip_scale.train.config import load_recipe
 
-    recipe = load_recipe(TINY, [f"data.remote={shards(tmp / 'data')}", f"checkpoint.save_folder={tmp / 'runs'}",
+    recipe = load_recipe(TINY, [*PLAIN, f"data.remote={shards(tmp / 'data')}", f"checkpoint.save_folder={tmp / 'runs'}",
                                 f"train.max_steps={STEPS}", "logging.sample_every=0", "train.global_batch_size=8",
                                 "sampler.steps=2", "sampler.guidance_scale=1.5", *overrides])
     dist.initialize_dist("cpu")
@@ -166,4 +166,4 @@ def test_slurm_mode_submits_eval_fid_for_the_newest_checkpoint(slurm, tmp_path, 
     record = json.loads(Path(f"{jobs[1]['checkpoint']}.eval-n10.json").read_text())
     assert record["step"] == 4 and record["mode"] == "dip-eval" and record["metrics"]["fid"] > 0
     assert record["sampler"] == {"steps": 2, "method": "euler", "guidance_scale": 1.5,
-                                 "guidance_interval": [0.1, 1.0]}
+                                 "guidance_interval": [0.11, 0.97]}
