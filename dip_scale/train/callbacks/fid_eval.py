@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,18 +36,16 @@ from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.eval.evaluate import EvalSettings, evaluate_model
 from dip_scale.eval.flags import sampler_args
 from dip_scale.eval.generate import check_num_samples, world
-from dip_scale.eval.inception import InceptionFeatures, find_weights
+from dip_scale.eval.inception import InceptionFeatures
 from dip_scale.eval.results import EVAL_DIR, METRICS, append_to_run, make_record, write_json
 from dip_scale.eval.stats import load_reference
 
 log = logging.getLogger(__name__)
 
-MODES = ("local", "slurm")
-
-
 class ScheduledEval(Callback):
-    """Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size
-    (per rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS
+    """The values come validated (recipe/load.py: ranges and combinations; train/preflight.py: the reference,
+    the Inception weights and the job script exist). Args: every (steps), mode (local | slurm), num_samples
+    (N, a multiple of the classes), batch_size (per rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS
     or the torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and
     eval/), seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches),
     script (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra
@@ -60,16 +57,6 @@ class ScheduledEval(Callback):
                  image_size: tuple[int, int] | None = None, script: str | Path = "cluster/eval_fid.sh",
                  sbatch_args: list[str] | None = None, eval_args: list[str] | None = None,
                  cache_dir: str | None = None):
-        if every <= 0:
-            raise ValueError(f"eval.every must be a positive number of steps, got {every}")
-        if mode not in MODES:
-            raise ValueError(f"eval.mode must be one of {MODES}, got {mode!r}")
-        if not reference:
-            raise ValueError("eval.reference is not set: give an ADM reference .npz, a folder or s3:// prefix of "
-                             "MDS shards, or an image folder")
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError(f"eval.num_samples and eval.batch_size must be positive, got {num_samples} and "
-                             f"{batch_size}")
         self.every, self.mode = every, mode
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.reference, self.inception_path, self.cache_dir = str(reference), inception_path, cache_dir
@@ -82,14 +69,6 @@ class ScheduledEval(Callback):
         self.ref_stats = None
         self.submitted_step = -1
         self._threads: list[threading.Thread] = []
-        if mode == "slurm":
-            if not self.script.is_file():
-                raise FileNotFoundError(f"eval.mode=slurm: the job script {self.script} does not exist (run from "
-                                        f"the project root, or pass script=)")
-            if shutil.which("sbatch") is None:
-                raise FileNotFoundError("eval.mode=slurm: sbatch is not on PATH; use eval.mode=local outside Slurm")
-        else:
-            find_weights(inception_path)  # the error names the file and where it goes
 
     # -- events -------------------------------------------------------------------------------------
 

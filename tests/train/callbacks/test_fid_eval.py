@@ -98,27 +98,15 @@ def test_local_mode_writes_results_for_the_expected_steps_and_leaves_training_al
         assert torch.equal(with_eval[key], without[key]), key
 
 
-def test_bad_settings_fail_before_training(tmp_path, reference, inception_weights, monkeypatch):
-    from dip_scale.train.callbacks.fid_eval import ScheduledEval
-
-    with pytest.raises(ValueError, match="eval.every must be a positive"):
-        ScheduledEval(every=0, reference=str(reference))
-    with pytest.raises(ValueError, match="eval.reference is not set"):
-        ScheduledEval(every=2, reference=None)
-    with pytest.raises(ValueError, match="eval.mode must be one of"):
-        ScheduledEval(every=2, mode="cloud", reference=str(reference))
-    with pytest.raises(FileNotFoundError, match="the job script .*nope.sh does not exist"):
-        ScheduledEval(every=2, mode="slurm", reference=str(reference), script=tmp_path / "nope.sh")
-    monkeypatch.delenv("DIP_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        ScheduledEval(every=2, reference=str(reference))
-    # N must split evenly over the model's classes: checked when the Trainer starts, before any step
+def test_n_that_does_not_split_over_the_classes_fails_before_training(tmp_path, reference, inception_weights):
+    """The recipe's own checks (tests/recipe/test_validate.py) and the start's (tests/train/test_preflight.py)
+    cover the settings; a callback built by hand still refuses an N it cannot balance before the first step."""
     from composer import Trainer
     from torch.utils.data import DataLoader, TensorDataset
 
     from dip_scale.diffusion.flow import FlowMatching
     from dip_scale.models import build_model
+    from dip_scale.train.callbacks.fid_eval import ScheduledEval
     from dip_scale.train.module import DiPComposerModel
 
     model = DiPComposerModel(build_model("DiP-tiny/16"), FlowMatching(num_classes=10), seed=0)
