@@ -44,12 +44,14 @@ log = logging.getLogger(__name__)
 
 class ScheduledEval(Callback):
     """The values come validated (recipe/load.py: ranges and combinations; train/preflight.py: the reference,
-    the Inception weights and the job script exist). Args: every (steps), mode (local | slurm), num_samples
-    (N, a multiple of the classes), batch_size (per rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS
-    or the torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and
-    eval/), seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches),
-    script (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra
-    dip-eval options), cache_dir (for s3:// references)."""
+    the Inception weights and the job script exist).
+
+    Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size (per
+    rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS or the
+    torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and eval/),
+    seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches), script
+    (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra dip-eval
+    options), cache_dir (for s3:// references)."""
 
     def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
                  reference: str | None = None, inception_path: str | None = None,
