@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
+# torch from PyPI is its CUDA build (with the nvidia-* libraries and triton). On a machine without a GPU,
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# installs torch and torchvision of the pinned versions from PyTorch's CPU-only index first (their own
+# dependencies then come from PyPI with the rest).
+TORCH_INDEX ?=
 
 .PHONY: setup demo test lint lock bench clean-demo
 
@@ -14,6 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
+	$(if $(TORCH_INDEX),$(BIN)/pip install -c $(CONSTRAINTS) --no-deps --index-url $(TORCH_INDEX) torch torchvision)
 	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/pip install -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 

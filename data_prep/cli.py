@@ -67,7 +67,7 @@ def _add_write_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dry-run", action="store_true", help="list the source, print the plan, write nothing")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     description, examples = __doc__.split("\n\n", 1)
     parser = argparse.ArgumentParser(prog="dip-prep", description=description, epilog="examples:\n" + examples,
                                      formatter_class=_FORMATTER)
@@ -178,7 +178,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return {"write": _write, "merge": _merge, "verify": _verify}[args.command](args)
     except (PrepError, FileNotFoundError) as error:

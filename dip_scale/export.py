@@ -20,7 +20,7 @@ from dip_scale.checkpoint import load_model, write_export
 from dip_scale.storage import StoreUnavailable
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dip-export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +31,11 @@ def parse_args(argv=None):
                    help="allow reading a checkpoint whose metadata only a full unpickling reads (sharded FSDP or "
                         "DeepSpeed checkpoints: runs code from the files, so only for checkpoints you trust)")
     p.add_argument("--cache-dir", default=None, help="where s3:// checkpoints are downloaded (default: a temp folder)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

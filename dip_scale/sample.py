@@ -25,7 +25,7 @@ from dip_scale.eval.grid import class_columns, image_grid
 from dip_scale.eval.results import save_samples_npz
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dip-sample", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample i uses the noise of (seed, i) (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when a GPU is visible, else cpu)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

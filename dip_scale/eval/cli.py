@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dip_scale.checkpoint import load_model
+from dip_scale.eval.classifier import SyntheticClassifier
 from dip_scale.eval.evaluate import EvalSettings, evaluate_model
 from dip_scale.eval.flags import add_sampler_flags, sampler_from_flags
 from dip_scale.eval.generate import check_num_samples, world
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None,
                    help="for s3:// references and checkpoints, and read-only data folders (default: "
                         "$DIP_CACHE_DIR/eval, else ~/.cache/dip_scale)")
+    g.add_argument("--classifier", default=None,
+                   help="a classifier of the synthetic classes (dip_scale.eval.classifier; the demo writes one): "
+                        "also report the class accuracy of the samples")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=None, help="results JSON (default: <checkpoint>.eval-n<N>.json next to the "
                                                "checkpoint folder; s3:// checkpoints get it in the bucket)")
@@ -144,6 +148,9 @@ def check_inputs(args) -> None:
     if not ref.startswith("s3://") and not Path(ref).exists():
         raise FileNotFoundError(f"reference {ref} does not exist; expected an ADM reference .npz, a folder of "
                                 f"MDS shards, an s3:// URL or an image folder")
+    if not ref.startswith("s3://") and Path(ref).is_file() and not ref.endswith(".npz"):
+        raise ValueError(f"reference {ref} is a file but not an .npz; expected an ADM reference .npz, a folder of "
+                         f"MDS shards, an s3:// URL or an image folder")
     if ref.endswith(".npz") and not ref.startswith("s3://"):
         read_npz_reference(ref, load_images=False)  # wrong keys or shapes fail before the model is loaded
     if args.num_samples <= 0 or args.batch_size <= 0:
@@ -184,7 +191,9 @@ def summary(record: dict) -> str:
     lines = [f"step {record['step']}  N={record['num_samples']}  {s['steps']} {s['method']} steps  "
              f"cfg {s['guidance_scale']} on {tuple(s['guidance_interval'])}  seed {record['seed']}",
              f"  FID {fmt(m.get('fid'))}  sFID {fmt(m.get('sfid'))}  IS {fmt(m.get('inception_score'))}  "
-             f"precision {fmt(m.get('precision'))}  recall {fmt(m.get('recall'))}",
+             f"precision {fmt(m.get('precision'))}  recall {fmt(m.get('recall'))}"
+             + (f"\n  class accuracy {m['class_accuracy']:.0%} (texture {m['texture_accuracy']:.0%}, colours "
+                f"{m['colour_accuracy']:.0%})" if m.get("class_accuracy") is not None else ""),
              f"  {record['images_per_s']:.2f} images/s on {record['world_size']} rank(s), "
              f"wall time {record['wall_time_s']:.1f} s"]
     return "\n".join(lines + [f"  note: {n}" for n in record.get("notes", [])])
@@ -203,6 +212,7 @@ def run(args) -> dict | None:
     progress = not args.no_progress
 
     inception = InceptionFeatures(args.inception_weights).to(device)  # fails early when the weights are missing
+    classifier = SyntheticClassifier.load(args.classifier).to(device) if args.classifier else None
 
     model, info = load_model(args.checkpoint, official=args.official, trust=args.trust_checkpoint,
                              cache_dir=args.cache_dir)
@@ -212,12 +222,15 @@ def run(args) -> dict | None:
                             sampler=sampler, precision=args.precision, compile_model=args.compile,
                             keep_images=bool(args.save_npz))
     check_num_samples(args.num_samples, model.config.num_classes)
+    if classifier is not None and [classifier.resolution] * 2 != list(info["image_size"]):
+        raise ValueError(f"--classifier {args.classifier} was trained at {classifier.resolution} px, but the model "
+                         f"makes {info['image_size'][0]}x{info['image_size'][1]} images")
 
     reference = load_reference(args.reference, inception, cache_dir=args.cache_dir,
                                batch_size=args.inception_batch_size, num_workers=args.num_workers,
                                progress=progress)
     out = evaluate_model(model, inception, reference, settings, device=device,
-                         image_size=tuple(info["image_size"]), progress=progress)
+                         image_size=tuple(info["image_size"]), progress=progress, classifier=classifier)
     if rank != 0:
         return None
 

@@ -1,7 +1,8 @@
 """One evaluation: generate N samples over all ranks, take their Inception features where they are made,
 gather the features (and, on request, the images) to rank 0, and compute the metrics there.
 
-Used by `dip-eval` and by the in-training ScheduledEval callback.
+Used by `dip-eval` and by the in-training ScheduledEval callback. With a classifier of the synthetic classes
+(eval/classifier.py) the same samples also get their class accuracy.
 
     settings = EvalSettings(num_samples=50_000, batch_size=64, seed=0, sampler=SamplerConfig(...))
     out = evaluate_model(model, inception, reference, settings, device="cuda", image_size=(256, 256))
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.classifier import SyntheticClassifier, scores
 from dip_scale.eval.generate import Plan, broadcast_object, check_num_samples, gather_rows, generate, world
 from dip_scale.eval.inception import FEATURE_DIMS, InceptionFeatures
 from dip_scale.eval.metrics import compute_metrics
@@ -77,8 +79,9 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: ReferenceStats | None,
                    settings: EvalSettings, *, device: str | torch.device, image_size: tuple[int, int],
-                   progress: bool = True) -> EvalOutput:
-    """Collective: call on every rank with the same settings. `reference` is needed on rank 0 only."""
+                   progress: bool = True, classifier: SyntheticClassifier | None = None) -> EvalOutput:
+    """Collective: call on every rank with the same settings. `reference` is needed on rank 0 only; with
+    `classifier` (on every rank) the metrics add class_accuracy, texture_accuracy and colour_accuracy."""
     t0 = time.perf_counter()
     device = torch.device(device)
     rank, world_size = world()
@@ -89,6 +92,7 @@ def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: Re
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in FEATURE_DIMS}
     images, labels = [], []
+    judged: list[torch.Tensor] = []  # (b, 3): label, texture class, colour class
     try:
         for batch in generate(model, num_samples=settings.num_samples, seed=settings.seed, sampler=settings.sampler,
                               batch_size=settings.batch_size, device=device, image_size=image_size,
@@ -97,6 +101,9 @@ def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: Re
             f = inception(batch.images.permute(0, 3, 1, 2))  # (b, 3, H, W) uint8
             for k in FEATURE_DIMS:
                 feats[k].append(f[k].to(device))
+            if classifier is not None:
+                texture, colour = classifier.predict(batch.images.permute(0, 3, 1, 2))
+                judged.append(torch.stack([batch.labels.cpu(), texture.cpu(), colour.cpu()], dim=1))
             if settings.keep_images:
                 images.append(batch.images.cpu())
                 labels.append(batch.labels)
@@ -107,6 +114,9 @@ def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: Re
     for k, dim in FEATURE_DIMS.items():
         local = torch.cat(feats[k]) if feats[k] else torch.zeros(0, dim, device=device)
         gathered[k] = gather_rows(local, counts)
+    if classifier is not None:
+        local = torch.cat(judged) if judged else torch.zeros(0, 3, dtype=torch.long)
+        judged_all = gather_rows(local.to(device), counts)
     _sync(device)
     generation_s = time.perf_counter() - t0
     all_images = all_labels = None
@@ -122,5 +132,7 @@ def evaluate_model(model: nn.Module, inception: InceptionFeatures, reference: Re
     if rank == 0:
         metrics = compute_metrics(gathered, reference, device=device)
         metrics["num_samples"] = int(gathered["pool"].shape[0])
+        if classifier is not None:
+            metrics.update(scores(judged_all[:, 1], judged_all[:, 2], judged_all[:, 0]))
     return EvalOutput(metrics, all_images, all_labels, generation_s, time.perf_counter() - t0,
                       settings.num_samples / max(generation_s, 1e-9))

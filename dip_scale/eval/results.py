@@ -24,7 +24,7 @@ import numpy as np
 
 from dip_scale.storage import atomic_write, open_parent
 
-METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy")  # the last: eval/classifier.py
 COLUMNS = ("step", "num_samples", *METRICS, "steps", "method", "guidance_scale", "guidance_interval", "seed",
            "reference", "checkpoint", "mode", "images_per_s", "wall_time_s", "time")
 # An evaluation's identity: evaluating it again replaces its row.
@@ -123,9 +123,9 @@ def read_table(run_dir: str | Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if rows and set(rows[0]) != set(COLUMNS):
+    if rows and (set(rows[0]) - set(COLUMNS) or not {"step", "fid"} <= set(rows[0])):
         raise ValueError(f"{path} has columns {sorted(rows[0])}, expected {list(COLUMNS)}; move it away to start anew")
-    return rows
+    return [{k: row.get(k) or "" for k in COLUMNS} for row in rows]  # a column added since: empty in old rows
 
 
 def _step_key(row: dict) -> tuple:

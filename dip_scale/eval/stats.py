@@ -433,6 +433,10 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
         source, folder = ShardImages(spec), local_copy
     else:
         folder = Path(spec)
+        if folder.is_file():
+            raise ValueError(f"reference {spec} is a file but not an .npz; expected an ADM reference .npz "
+                             f"({ADM_REFERENCE_URL}), a folder of MDS shards (with index.json), an s3:// shard "
+                             f"prefix, or a folder of images")
         if not folder.is_dir():
             raise FileNotFoundError(f"reference {spec} does not exist; expected an ADM reference .npz "
                                     f"({ADM_REFERENCE_URL}), a folder of MDS shards (with index.json), an s3:// "

@@ -258,6 +258,9 @@ class EvalConfig:
     """ADM reference .npz, or MDS shards (local or s3://) or an image folder to compute statistics from."""
     inception_path: Optional[str] = None
     """torch-fidelity's Inception weights file; None = $DIP_INCEPTION_WEIGHTS, then the torch hub cache."""
+    classifier: Optional[str] = None
+    """A classifier of the synthetic classes (dip_scale.eval.classifier): each evaluation then also reports the
+    class accuracy of its samples. None = no class accuracy."""
     script: str = "cluster/eval_fid.sh"
     """mode slurm: the job script to submit (relative to the working directory)."""
 

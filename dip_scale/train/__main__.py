@@ -44,14 +44,18 @@ import warnings  # noqa: E402
 from dip_scale.recipe import ConfigError, check_world_size, load_recipe, model_config, to_yaml  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dip_scale.train", description=__doc__.split("\n\n")[0],
         epilog="\n".join(__doc__.splitlines()[2:8]), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=1000")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and exit")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def dry_run(recipe) -> None:

@@ -243,4 +243,4 @@ def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig):
     return ScheduledEval(every=e.every, mode=e.mode, num_samples=e.num_samples, batch_size=e.batch_size,
                          reference=e.reference, inception_path=e.inception_path, sampler=sampler,
                          run_dir=paths.local_root, seed=recipe.seed, image_size=tuple(recipe.data.image_size),
-                         script=e.script)
+                         script=e.script, classifier_path=e.classifier)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dip_scale.data.layout import DATASET_INFO_FILE, INDEX_FILE, read_dataset_info
 from dip_scale.diffusion.repa import default_encoder_path, missing_weights_message
+from dip_scale.eval.classifier import SyntheticClassifier
 from dip_scale.eval.inception import find_weights
 from dip_scale.eval.stats import read_npz_reference
 from dip_scale.recipe import ConfigError, Recipe, model_config
@@ -101,6 +102,14 @@ def check_eval(recipe: Recipe) -> None:
             find_weights(e.inception_path)
         except FileNotFoundError as err:
             raise ConfigError(f"eval.inception_path: {err}") from err
+    if e.classifier:
+        try:
+            classifier = SyntheticClassifier.load(e.classifier)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"eval.classifier: {err}") from err
+        if [classifier.resolution] * 2 != list(recipe.data.image_size):
+            raise ConfigError(f"eval.classifier={e.classifier} was trained at {classifier.resolution} px but "
+                              f"data.image_size is {list(recipe.data.image_size)}")
     if e.mode == "slurm":
         if not Path(e.script).is_file():
             raise ConfigError(f"eval.script={e.script}: no such job script (run from the repository root, or give "

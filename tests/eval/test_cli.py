@@ -159,6 +159,22 @@ def test_reference_of_the_wrong_shape(tmp_path, capsys):
     assert "ref.npz: 'sigma' has shape (1000, 1000), expected (2048, 2048)" in capsys.readouterr().err
 
 
+def test_reference_that_exists_but_is_no_npz_is_called_so_not_missing(tmp_path, capsys):
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    (tmp_path / "ref.txt").write_text("not a reference\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(checkpoint), "--reference", str(tmp_path / "ref.txt")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "ref.txt is a file but not an .npz" in err and "does not exist" not in err
+    (tmp_path / "bad.npz").write_text("not a zip archive\n")
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--reference", str(tmp_path / "bad.npz")])
+    err = capsys.readouterr().err
+    assert "bad.npz is not a readable .npz" in err and "does not exist" not in err
+
+
 def test_console_script_help_has_examples():
     exe = Path(sys.executable).parent / "dip-eval"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout

@@ -10,6 +10,9 @@ mode "slurm": rank 0 submits `sbatch cluster/eval_fid.sh <newest checkpoint> <di
     to the run's table. The run folder must be on a filesystem the job can read, and the checkpoint must
     outlive the queue wait (make eval steps checkpoint milestones when keep_last is small).
 
+With a classifier of the synthetic classes (eval.classifier, dip_scale.eval.classifier) each evaluation also
+reports the class accuracy of its samples, next to the FID.
+
 The reference statistics and the Inception network are loaded at fit start, so a missing weights file
 or reference fails the run at once rather than at the first evaluation. Local mode reading the reference
 from shards computes their statistics once (cached next to them); use other shards than the training
@@ -33,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dip_scale.checkpoint import newest_complete
 from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.classifier import SCORES, SyntheticClassifier
 from dip_scale.eval.evaluate import EvalSettings, evaluate_model
 from dip_scale.eval.flags import sampler_args
 from dip_scale.eval.generate import check_num_samples, world
@@ -51,14 +55,14 @@ class ScheduledEval(Callback):
     torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and eval/),
     seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches), script
     (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra dip-eval
-    options), cache_dir (for s3:// references)."""
+    options), cache_dir (for s3:// references), classifier_path (None: no class accuracy)."""
 
     def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
                  reference: str | None = None, inception_path: str | None = None,
                  sampler: SamplerConfig | None = None, run_dir: str | Path = "runs/eval", seed: int = 0,
                  image_size: tuple[int, int] | None = None, script: str | Path = "cluster/eval_fid.sh",
                  sbatch_args: list[str] | None = None, eval_args: list[str] | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, classifier_path: str | None = None):
         self.every, self.mode = every, mode
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.reference, self.inception_path, self.cache_dir = str(reference), inception_path, cache_dir
@@ -67,7 +71,9 @@ class ScheduledEval(Callback):
         self.image_size = tuple(image_size) if image_size else None
         self.script = Path(script)
         self.sbatch_args, self.eval_args = list(sbatch_args or []), list(eval_args or [])
+        self.classifier_path = classifier_path
         self.inception = None
+        self.classifier = None
         self.ref_stats = None
         self.submitted_step = -1
         self._threads: list[threading.Thread] = []
@@ -88,7 +94,9 @@ class ScheduledEval(Callback):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.inception = InceptionFeatures(self.inception_path).to(device)
             self.ref_stats = load_reference(self.reference, self.inception, cache_dir=self.cache_dir,
-                                            progress=world()[0] == 0)
+                                            progress=world()[0] == 0 and sys.stderr.isatty())
+            if self.classifier_path:
+                self.classifier = SyntheticClassifier.load(self.classifier_path).to(device)
 
     def batch_end(self, state: State, logger: Logger):
         step = int(state.timestamp.batch)
@@ -110,8 +118,8 @@ class ScheduledEval(Callback):
                                 sampler=self.sampler)
         image_size = self.image_size or tuple(state.batch_get_item(0).shape[-2:])
         with _composer_model(state).ema_network() as net:
-            out = evaluate_model(net, self.inception, self.ref_stats, settings,
-                                 device=next(net.parameters()).device, image_size=image_size, progress=False)
+            out = evaluate_model(net, self.inception, self.ref_stats, settings, device=next(net.parameters()).device,
+                                 image_size=image_size, progress=False, classifier=self.classifier)
         rank, world_size = world()
         if rank != 0:
             return None
@@ -121,9 +129,12 @@ class ScheduledEval(Callback):
                              inception=self.inception.fingerprint, mode="local")
         write_json(str(self.run_dir / EVAL_DIR / f"step-{step:09d}.n{self.num_samples}.json"), record)
         append_to_run(self.run_dir, record)
-        logger.log_metrics({"eval/step": step, **{f"eval/{m}": record["metrics"][m] for m in METRICS
-                                                  if record["metrics"][m] is not None}})
-        log.info("step %d: FID %.4f (N=%d, %.1f s)", step, record["metrics"]["fid"], self.num_samples, out.total_s)
+        metrics = record["metrics"]
+        logger.log_metrics({"eval/step": step, **{f"eval/{m}": metrics[m] for m in (*METRICS, *SCORES)
+                                                  if metrics.get(m) is not None}})
+        judged = (f", class accuracy {metrics['class_accuracy']:.0%} (texture {metrics['texture_accuracy']:.0%}, "
+                  f"colours {metrics['colour_accuracy']:.0%})" if "class_accuracy" in metrics else "")
+        log.info("step %d: FID %.4f%s (N=%d, %.1f s)", step, metrics["fid"], judged, self.num_samples, out.total_s)
         return record
 
     # -- slurm --------------------------------------------------------------------------------------
@@ -135,6 +146,8 @@ class ScheduledEval(Callback):
                "--run-dir", str(self.run_dir.resolve())]
         if self.inception_path:
             cmd += ["--inception-weights", str(Path(self.inception_path).resolve())]
+        if self.classifier_path:
+            cmd += ["--classifier", str(Path(self.classifier_path).resolve())]
         wandb_run = getattr(sys.modules.get("wandb"), "run", None)
         if wandb_run is not None:  # a run of its own in this run's group, at the checkpoint's step
             step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
