@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         check_inputs(recipe)
         dist.initialize_dist(device_type(recipe))
         trainer, paths = build_trainer(recipe)
-    except ConfigError as err:
+    except (ConfigError, PermissionError) as err:  # a bad recipe, or credentials that may not do what it asks
         print(f"error: {err}", file=sys.stderr)
         ignore_signals()
         return EXIT_BAD_INPUT
