@@ -15,9 +15,23 @@
 #   LOG_DIR        per-rank logs: rank<R>.out / rank<R>.err for every rank but each node's first, whose
 #                  output goes to this script's own stdout/stderr [logs]
 #   PYTHON         interpreter with dip_scale installed [python]
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+#                  network interface the ranks talk on (gloo on CPU, NCCL's sockets on GPU) [with more than
+#                  one node: the interface that reaches MASTER_ADDR from this node]. Without them gloo binds
+#                  to whatever this node's hostname resolves to, often 127.0.x.1, and the nodes never connect.
+#                  If no interface reaches MASTER_ADDR (no route, or only loopback), this script stops at once
+#                  (exit 2) and names the variables to set.
 #
-# Exit status: the training's (0 done, 2 bad recipe, 3 non-finite stop, 75 preempted after a checkpoint).
+#   MODULE         the Python module every rank runs with the arguments [dip_scale.train]
 #
+# Exit status: the node's, from its ranks' (0 done, 2 bad recipe, 3 non-finite stop, 75 preempted after a
+# checkpoint, 76 lost contact with other ranks), also written to LOG_DIR/node<NODE_RANK>.status for
+# cluster/train.sh. When ranks of the node end differently, the first rank's own failure counts (a crash or
+# 2/3) before 76 (it only saw another rank go), before 75; ranks the launcher itself stopped after another
+# rank ended do not count.
+#
+# Lifetime: the ranks die with the launcher (train/__main__.py sets PR_SET_PDEATHSIG), so a launcher that is
+# killed takes its ranks along and the other nodes' ranks exit 76 within seconds.
 # Signals: Slurm delivers a signal sent to a job step to every process of the step. The ranks checkpoint
 # on SIGUSR1/SIGTERM and exit 75 (before training starts, the signal ends them). The composer launcher
 # would die of the signal's default action and leave the ranks without a parent, so it runs with handlers
@@ -32,6 +46,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 LOG_DIR=${LOG_DIR:-logs}
 PYTHON=${PYTHON:-python}
+MODULE=${MODULE:-dip_scale.train}
 
 if [ $# -lt 1 ]; then
   echo "usage: $0 RECIPE [key=value ...]   (environment: see the top of this file)" >&2
@@ -39,15 +54,60 @@ if [ $# -lt 1 ]; then
 fi
 mkdir -p "$LOG_DIR"
 
+# ---- the interface that reaches the first node, for gloo and NCCL (one node: loopback, nothing to choose)
+interface_to() {  # prints the interface this node reaches address $1 on, or why not (status 1)
+  local ip dev
+  ip=$(getent ahosts "$1" | awk 'NR == 1 { print $1 }')
+  if [ -z "$ip" ]; then echo "$1 does not resolve"; return 1; fi
+  if ! command -v ip >/dev/null; then echo "the ip command (iproute2) is not installed"; return 1; fi
+  # The first node itself: the interface that holds the address (its route would say loopback).
+  dev=$(ip -o addr show to "$ip" | awk '{ print $2; exit }')
+  if [ -z "$dev" ]; then
+    dev=$(ip -o route get "$ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+  fi
+  if [ -z "$dev" ]; then echo "no route from this node to $ip"; return 1; fi
+  if [ "$dev" = lo ]; then echo "$1 is $ip, a loopback address, which other nodes cannot reach"; return 1; fi
+  echo "$dev"
+}
+if [ "$NNODES" -gt 1 ] && [ -z "${GLOO_SOCKET_IFNAME:-}" -o -z "${NCCL_SOCKET_IFNAME:-}" ]; then
+  if ! iface=$(interface_to "$MASTER_ADDR"); then
+    echo "launch_node.sh: error: cannot find the network interface that reaches MASTER_ADDR=$MASTER_ADDR" \
+         "($iface). Set GLOO_SOCKET_IFNAME (CPU) and NCCL_SOCKET_IFNAME (GPU) to the interface of the network" \
+         "the nodes share (e.g. eth0), or MASTER_ADDR to the first node's address on it." >&2
+    exit 2
+  fi
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$iface} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$iface}
+  echo "launch_node.sh: node $NODE_RANK of $NNODES talks on GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME" \
+       "NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME (MASTER_ADDR=$MASTER_ADDR)"
+fi
+
+NODE_STATUS=$LOG_DIR/node$NODE_RANK.status
+rm -f "$NODE_STATUS"
+export NODE_STATUS
+
 exec "$PYTHON" -c '
-import signal, sys
+import os, signal, sys
 warned = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(sig, lambda signum, _: warned.append(signum))  # unlike SIG_IGN, not inherited by the ranks
-from composer.cli.launcher import main
-if warned:  # told to stop before any rank started: nothing to save, try again later
-    sys.exit(75)
-sys.exit(main())
+from composer.cli import launcher
+
+def node_status(processes):
+    codes = [1 if p.poll() is None else p.returncode for p in processes.values()]  # rank order
+    if not any(codes):
+        return 0
+    own = [c for c in codes if c not in (0, 75, 76, -signal.SIGTERM)]  # -SIGTERM: stopped by the launcher
+    for found in (own, [c for c in codes if c == 76], [c for c in codes if c == 75]):
+        if found:
+            return found[0]
+    return next(c for c in codes if c)
+
+launcher._aggregate_process_returncode = node_status  # what the launcher returns
+code = 75 if warned else launcher.main()  # told to stop before any rank started: try again later
+code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+with open(os.environ["NODE_STATUS"], "w") as f:
+    f.write(f"{code}\n")
+sys.exit(code)
 ' \
   --nproc "$GPUS_PER_NODE" \
   --world_size "$((NNODES * GPUS_PER_NODE))" \
@@ -57,4 +117,4 @@ sys.exit(main())
   --master_port "$MASTER_PORT" \
   --stdout "$LOG_DIR/rank{rank}.out" \
   --stderr "$LOG_DIR/rank{rank}.err" \
-  -m dip_scale.train "$@"
+  -m "$MODULE" "$@"

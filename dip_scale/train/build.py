@@ -156,7 +156,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     net = build_model(net_config)
     flow = FlowMatching(num_classes=net_config.num_classes, label_dropout=recipe.objective.label_dropout)
     model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
-    parallelism = parallel.prepare(model, recipe)
+    parallelism = parallel.prepare(model, recipe, prec)
 
     ds = None
     if recipe.parallelism.strategy == "deepspeed":
@@ -229,8 +229,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         save_folder=None,
         python_log_level=None,
     )
-    if recipe.parallelism.strategy == "fsdp":
-        parallel.average_gradients_on_gloo(model)  # the Trainer has sharded it in place by now
+    parallel.after_trainer(trainer.state.model, model, recipe)  # DDP-wrapped, or sharded in place, by now
     return trainer, paths
 
 

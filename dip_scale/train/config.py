@@ -24,6 +24,7 @@ from dip_scale.models.dip import HEAD_KINDS, PRESETS
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 FSDP_SHARDING = ("full", "grad_op", "hybrid")  # ZeRO-3, ZeRO-2, shard within a node + replicate across
 PRECISIONS = ("auto", "bf16", "fp32")
+REDUCE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -107,13 +108,21 @@ class TrainConfig:
     """What a non-finite loss or gradient does: stop (checkpoint the last good state, exit) or skip the step."""
     device: str = "auto"
     """auto, cpu or gpu."""
+    dist_timeout: float = 300.0
+    """Seconds a collective (gradient reduction, barrier, checkpoint agreement) may wait for the other ranks
+    before this rank gives up and exits with status 76 (EXIT_LOST_RANKS): a hung or partitioned node then ends
+    the job within this time instead of holding every GPU. Larger than the longest stretch one rank works
+    alone (rank 0 writing a monolithic checkpoint, one node downloading a checkpoint at resume)."""
 
 
 @dataclass
 class FSDPConfig:
     sharding: str = "full"
-    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid (runs as full under
-    Composer 0.32, whose FSDP2 has no replicate dimension; a warning says so)."""
+    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid (ZeRO-3 within each
+    replica, replicas kept equal by an all-reduce of the gradient shards: see `replicas`)."""
+    replicas: Optional[int] = None
+    """hybrid: the number of replicas, the outer dimension of the (replicas, ranks per replica) device mesh;
+    None = the number of nodes (each node holds one copy, sharded over its ranks). Must divide the world size."""
 
 
 @dataclass
@@ -130,6 +139,10 @@ class DeepSpeedConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "ddp"
+    reduce_dtype: str = "fp32"
+    """dtype of the gradient reduction between ranks: fp32, or bf16 (half the bytes on the network; ddp: a comm
+    hook, fsdp: FSDP2's reduce dtype, deepspeed: its communication_data_type). Gradients are summed in bf16
+    (8 bits of mantissa), then applied in fp32."""
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -292,6 +305,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     p = recipe.parallelism
     _one_of(source, "parallelism.strategy", p.strategy, STRATEGIES)
     _one_of(source, "parallelism.fsdp.sharding", p.fsdp.sharding, FSDP_SHARDING)
+    _one_of(source, "parallelism.reduce_dtype", p.reduce_dtype, REDUCE_DTYPES)
+    if p.fsdp.replicas is not None and p.fsdp.replicas < 1:
+        raise ConfigError(f"{source}: parallelism.fsdp.replicas must be >= 1 or null, got {p.fsdp.replicas}")
+    if t.dist_timeout <= 0:
+        raise ConfigError(f"{source}: train.dist_timeout must be positive (seconds), got {t.dist_timeout}")
     _one_of(source, "parallelism.deepspeed.stage", p.deepspeed.stage, (1, 2, 3))
     if p.deepspeed.offload_optimizer and p.strategy == "deepspeed" and p.deepspeed.stage == 1:
         raise ConfigError(f"{source}: parallelism.deepspeed.offload_optimizer needs stage 2 or 3")
@@ -334,6 +352,10 @@ def check_world_size(recipe: Recipe, world_size: int) -> tuple[int, int]:
     if g % world_size:
         raise ConfigError(f"train.global_batch_size={g} is not divisible by the world size {world_size}; "
                           f"choose a global batch that is a multiple of {world_size}")
+    fsdp = recipe.parallelism.fsdp
+    if recipe.parallelism.strategy == "fsdp" and fsdp.sharding == "hybrid" and fsdp.replicas \
+            and world_size % fsdp.replicas:
+        raise ConfigError(f"parallelism.fsdp.replicas={fsdp.replicas} does not divide the world size {world_size}")
     per_rank = g // world_size
     micro = recipe.train.device_microbatch_size or per_rank
     if per_rank % micro:

@@ -1,0 +1,223 @@
+"""Several hosts on one machine, for multi-node tests: each host a network namespace with an address that
+exists only inside it, all joined by one switch (a bridge in a namespace of its own). Nothing is added to
+the machine's own network: no interface, address or route outside the namespaces, and no default route
+inside them.
+
+    10.77.0.254  head    the switch namespace: the bridge's own address (Slurm's controller lives here)
+    10.77.0.1    node0   eth0 of namespace <prefix>-node0
+    10.77.0.2    node1   ...
+
+A process enters a host with `Hosts.command(i, cmd)`: the host's network namespace (nsenter --net: `ip netns
+exec` would remount /sys, and slurmd then finds no cgroup file system), and a private mount and UTS
+namespace in which the hostname is `node<i>`, /etc/hosts names every host (like a cluster's DNS), and /dev/shm
+is a tmpfs of its own (Streaming keys its shared memory by node, and real nodes do not share it).
+
+Faults, as a cluster sees them:
+    partition()   hosts no longer reach each other, silently (bridge port isolation: packets are dropped,
+                  no error, no reset), while every host still reaches `head`; heal() undoes it
+    unplug(i)     host i loses its link to the switch (plug(i) restores it)
+    kill(i)       every process inside host i (SIGKILL), as when a node dies
+
+Namespaces are named `<prefix>-...` with a prefix unique to the session (it holds the pid of the test process,
+so that a later session can remove what a killed one left behind: `remove_stale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SUBNET = "10.77.0"
+HEAD_ADDR = f"{SUBNET}.254"
+NETNS_DIR = Path("/run/netns")
+_PREFIX_RE = re.compile(r"^dipt(\d+)x[0-9a-f]{4}-")
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def namespaces_possible() -> str | None:
+    """None when this process can create network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces as hosts need root"
+    for tool in ("ip", "nsenter", "unshare", "bridge"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return f"{tool} is not installed (Debian: iproute2, util-linux)"
+    probe = f"dipt{os.getpid()}x{secrets.token_hex(2)}-probe"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def remove_stale() -> None:
+    """Delete the namespaces of earlier test sessions whose process is gone (killed before its teardown)."""
+    if not NETNS_DIR.is_dir():
+        return
+    for ns in NETNS_DIR.iterdir():
+        m = _PREFIX_RE.match(ns.name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+
+
+class Hosts:
+    def __init__(self, n: int, root: Path):
+        assert 2 <= n <= 200
+        self.n = n
+        self.root = root
+        self.prefix = f"dipt{os.getpid()}x{secrets.token_hex(2)}"
+        self.switch = f"{self.prefix}-net"
+        self.names = [f"node{i}" for i in range(n)]
+        self.addrs = [f"{SUBNET}.{i + 1}" for i in range(n)]
+        self.etc_hosts = root / "hosts"
+        self._created: list[str] = []
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def create(self) -> Hosts:
+        remove_stale()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.etc_hosts.write_text("127.0.0.1 localhost\n" + f"{HEAD_ADDR} head\n"
+                                  + "".join(f"{a} {h}\n" for a, h in zip(self.addrs, self.names)))
+        self._add_ns(self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "addr", "add", f"{HEAD_ADDR}/24", "dev", "br0")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        _ip("-n", self.switch, "link", "set", "lo", "up")
+        for i in range(self.n):
+            ns = self.netns(i)
+            self._add_ns(ns)
+            # The pair is born with one end in each namespace: no name ever appears outside them.
+            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", self._port(i), "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", self._port(i), "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{self.addrs[i]}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def close(self) -> None:
+        """Kill every process inside the namespaces, then delete them (also after a failed create)."""
+        for ns in self._created:
+            for pid in self._pids_in(ns):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._created.clear()
+
+    def __enter__(self) -> Hosts:
+        try:
+            return self.create()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _add_ns(self, ns: str) -> None:
+        _ip("netns", "add", ns)
+        self._created.append(ns)
+
+    def netns(self, i: int) -> str:
+        return f"{self.prefix}-{self.names[i]}"
+
+    @staticmethod
+    def _port(i: int) -> str:
+        return f"port{i}"
+
+    # -- running things inside ----------------------------------------------------------------------
+
+    def command(self, i: int | None, cmd: list[str], shm: bool = True) -> list[str]:
+        """`cmd` as run on host i (None: on `head`, the switch namespace)."""
+        ns, name = (self.switch, "head") if i is None else (self.netns(i), self.names[i])
+        setup = 'hostname "$1" && mount --bind "$2" /etc/hosts'
+        if shm:
+            setup += " && mount -t tmpfs tmpfs /dev/shm"
+        return ["nsenter", f"--net={NETNS_DIR / ns}", "--", "unshare", "--mount", "--uts", "--propagation", "private",
+                "--", "sh", "-c", setup + ' && shift 2 && exec "$@"', "sh", name, str(self.etc_hosts), *cmd]
+
+    def popen(self, i: int | None, cmd: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.command(i, cmd), **kwargs)
+
+    def run(self, i: int | None, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(i, cmd), **kwargs)
+
+    def _ns_inode(self, ns: str) -> int:
+        return os.stat(NETNS_DIR / ns).st_ino
+
+    def _pids_in(self, ns: str) -> list[int]:
+        try:
+            inode = self._ns_inode(ns)
+        except FileNotFoundError:
+            return []
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.stat(proc / "ns" / "net").st_ino == inode:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
+    def pids(self, i: int) -> list[int]:
+        """Every process inside host i."""
+        return self._pids_in(self.netns(i))
+
+    # -- faults -------------------------------------------------------------------------------------
+
+    def kill(self, i: int) -> int:
+        """SIGKILL every process inside host i, as when the node dies; returns how many there were."""
+        killed = 0
+        for _ in range(20):  # a process may fork while we kill
+            pids = self.pids(i)
+            if not pids:
+                return killed
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"processes left in {self.names[i]}: {self.pids(i)}")
+
+    def partition(self) -> None:
+        """Hosts stop reaching each other (packets vanish); each still reaches `head`."""
+        for i in range(self.n):
+            subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self._port(i), "isolated", "on"],
+                           check=True)
+
+    def heal(self) -> None:
+        for i in range(self.n):
+            subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self._port(i), "isolated", "off"],
+                           check=True)
+
+    def unplug(self, i: int) -> None:
+        _ip("-n", self.switch, "link", "set", self._port(i), "down")
+
+    def plug(self, i: int) -> None:
+        _ip("-n", self.switch, "link", "set", self._port(i), "up")
+
+    # -- measuring ----------------------------------------------------------------------------------
+
+    def counters(self, i: int) -> tuple[int, int]:
+        """(received, sent) bytes of host i's eth0 since it was created (the kernel's interface counters)."""
+        r = subprocess.run(["ip", "-n", self.netns(i), "-j", "-s", "link", "show", "dev", "eth0"],
+                           capture_output=True, text=True, check=True)
+        stats = json.loads(r.stdout)[0]["stats64"]
+        return stats["rx"]["bytes"], stats["tx"]["bytes"]
