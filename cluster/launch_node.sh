@@ -88,9 +88,13 @@ export NODE_STATUS
 exec "$PYTHON" -c '
 import os, signal, sys
 warned = []
+def note(signum, frame):  # unlike SIG_IGN, not inherited by the ranks
+    warned.append(signum)
 for sig in (signal.SIGUSR1, signal.SIGTERM):
-    signal.signal(sig, lambda signum, _: warned.append(signum))  # unlike SIG_IGN, not inherited by the ranks
+    signal.signal(sig, note)
 from composer.cli import launcher
+for sig in (signal.SIGUSR1, signal.SIGTERM):  # importing composer installed its own, which exits on SIGTERM
+    signal.signal(sig, note)
 
 def node_status(processes):
     codes = [1 if p.poll() is None else p.returncode for p in processes.values()]  # rank order

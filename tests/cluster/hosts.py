@@ -1,11 +1,15 @@
-"""Several hosts on one machine, for multi-node tests: each host a network namespace with an address that
-exists only inside it, all joined by one switch (a bridge in a namespace of its own). Nothing is added to
-the machine's own network: no interface, address or route outside the namespaces, and no default route
-inside them.
+"""Several hosts on one machine, for multi-node tests: each host a network namespace with addresses that exist
+only inside it, joined by two switches (bridges in a namespace of their own), as cluster nodes are joined by
+their ordinary network and a fabric. Nothing is added to the machine's own network: no interface, address or
+route outside the namespaces, and no default route inside them.
 
-    10.77.0.254  head    the switch namespace: the bridge's own address (Slurm's controller lives here)
-    10.77.0.1    node0   eth0 of namespace <prefix>-node0
-    10.77.0.2    node1   ...
+    eth0, 10.77.0.0/24: the cluster network. Host names resolve here; Slurm, the rendezvous (MASTER_ADDR) and,
+    unless told otherwise, the ranks' traffic use it.
+        10.77.0.254  head    the switch namespace: the bridge's own address (Slurm's controller lives here)
+        10.77.0.1    node0   eth0 of namespace <prefix>-node0
+        10.77.0.2    node1   ...
+    eth1, 10.78.0.0/24: the fabric (10.78.0.1, 10.78.0.2, ...), which carries only what names it
+        (GLOO_SOCKET_IFNAME=eth1), like an InfiniBand or RoCE fabric that only NCCL uses.
 
 A process enters a host with `Hosts.command(i, cmd)`: the host's network namespace (nsenter --net: `ip netns
 exec` would remount /sys, and slurmd then finds no cgroup file system), and a private mount and UTS
@@ -13,9 +17,10 @@ namespace in which the hostname is `node<i>`, /etc/hosts names every host (like 
 is a tmpfs of its own (Streaming keys its shared memory by node, and real nodes do not share it).
 
 Faults, as a cluster sees them:
-    partition()   hosts no longer reach each other, silently (bridge port isolation: packets are dropped,
-                  no error, no reset), while every host still reaches `head`; heal() undoes it
-    unplug(i)     host i loses its link to the switch (plug(i) restores it)
+    partition(net)  on network `net` (eth0 or eth1) hosts no longer reach each other, silently (bridge port
+                    isolation: packets are dropped, no error, no reset), while every host still reaches `head`;
+                    heal(net) undoes it
+    unplug(i)       host i loses its links to both switches (plug(i) restores them)
     kill(i)       every process inside host i (SIGKILL), as when a node dies
 
 Namespaces are named `<prefix>-...` with a prefix unique to the session (it holds the pid of the test process,
@@ -33,7 +38,8 @@ import subprocess
 import time
 from pathlib import Path
 
-SUBNET = "10.77.0"
+NETWORKS = {"eth0": "10.77.0", "eth1": "10.78.0"}  # interface in every host -> its /24
+SUBNET = NETWORKS["eth0"]
 HEAD_ADDR = f"{SUBNET}.254"
 NETNS_DIR = Path("/run/netns")
 _PREFIX_RE = re.compile(r"^dipt(\d+)x[0-9a-f]{4}-")
@@ -90,19 +96,22 @@ class Hosts:
         self.etc_hosts.write_text("127.0.0.1 localhost\n" + f"{HEAD_ADDR} head\n"
                                   + "".join(f"{a} {h}\n" for a, h in zip(self.addrs, self.names)))
         self._add_ns(self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "addr", "add", f"{HEAD_ADDR}/24", "dev", "br0")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
         _ip("-n", self.switch, "link", "set", "lo", "up")
+        for net, subnet in NETWORKS.items():
+            _ip("-n", self.switch, "link", "add", self._bridge(net), "type", "bridge")
+            _ip("-n", self.switch, "addr", "add", f"{subnet}.254/24", "dev", self._bridge(net))
+            _ip("-n", self.switch, "link", "set", self._bridge(net), "up")
         for i in range(self.n):
             ns = self.netns(i)
             self._add_ns(ns)
-            # The pair is born with one end in each namespace: no name ever appears outside them.
-            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", self._port(i), "netns", self.switch)
-            _ip("-n", self.switch, "link", "set", self._port(i), "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{self.addrs[i]}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            for net, subnet in NETWORKS.items():
+                # The pair is born with one end in each namespace: no name ever appears outside them.
+                port = self._port(i, net)
+                _ip("-n", ns, "link", "add", net, "type", "veth", "peer", "name", port, "netns", self.switch)
+                _ip("-n", self.switch, "link", "set", port, "master", self._bridge(net), "up")
+                _ip("-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", net)
+                _ip("-n", ns, "link", "set", net, "up")
         return self
 
     def close(self) -> None:
@@ -135,8 +144,12 @@ class Hosts:
         return f"{self.prefix}-{self.names[i]}"
 
     @staticmethod
-    def _port(i: int) -> str:
-        return f"port{i}"
+    def _port(i: int, net: str) -> str:
+        return f"{net}-node{i}"
+
+    @staticmethod
+    def _bridge(net: str) -> str:
+        return f"br-{net}"
 
     # -- running things inside ----------------------------------------------------------------------
 
@@ -196,28 +209,28 @@ class Hosts:
             time.sleep(0.1)
         raise RuntimeError(f"processes left in {self.names[i]}: {self.pids(i)}")
 
-    def partition(self) -> None:
-        """Hosts stop reaching each other (packets vanish); each still reaches `head`."""
+    def partition(self, net: str = "eth0", isolated: bool = True) -> None:
+        """On network `net`, hosts stop reaching each other (packets vanish); each still reaches `head`."""
         for i in range(self.n):
-            subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self._port(i), "isolated", "on"],
-                           check=True)
+            subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self._port(i, net), "isolated",
+                            "on" if isolated else "off"], check=True)
 
-    def heal(self) -> None:
-        for i in range(self.n):
-            subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self._port(i), "isolated", "off"],
-                           check=True)
+    def heal(self, net: str = "eth0") -> None:
+        self.partition(net, isolated=False)
 
     def unplug(self, i: int) -> None:
-        _ip("-n", self.switch, "link", "set", self._port(i), "down")
+        for net in NETWORKS:
+            _ip("-n", self.switch, "link", "set", self._port(i, net), "down")
 
     def plug(self, i: int) -> None:
-        _ip("-n", self.switch, "link", "set", self._port(i), "up")
+        for net in NETWORKS:
+            _ip("-n", self.switch, "link", "set", self._port(i, net), "up")
 
     # -- measuring ----------------------------------------------------------------------------------
 
-    def counters(self, i: int) -> tuple[int, int]:
-        """(received, sent) bytes of host i's eth0 since it was created (the kernel's interface counters)."""
-        r = subprocess.run(["ip", "-n", self.netns(i), "-j", "-s", "link", "show", "dev", "eth0"],
+    def counters(self, i: int, net: str = "eth0") -> tuple[int, int]:
+        """(received, sent) bytes of host i's interface `net` since it was created (the kernel's counters)."""
+        r = subprocess.run(["ip", "-n", self.netns(i), "-j", "-s", "link", "show", "dev", net],
                            capture_output=True, text=True, check=True)
         stats = json.loads(r.stdout)[0]["stats64"]
         return stats["rx"]["bytes"], stats["tx"]["bytes"]

@@ -18,6 +18,7 @@ as `python -m dip_scale.train` does (resume included), with two additions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -59,6 +60,9 @@ def main(plan_file: str) -> int:
     from dip_scale.train.callbacks.preemption import Preempted
     from dip_scale.train.config import load_recipe
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("composer", "streaming", "torch.distributed"):  # as python -m dip_scale.train logs
+        logging.getLogger(name).setLevel(logging.WARNING)
     plan = json.loads(Path(plan_file).read_text())
     root = Path(plan["root"])
     interface = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
