@@ -254,6 +254,15 @@ class LocalSlurm:
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not done within {timeout}s; last state {job}\n" + self.daemon_logs())
 
+    def wait_idle(self, timeout: float = 600) -> None:
+        """Until no job is queued or running (e.g. before a node is made to fail)."""
+        deadline = time.monotonic() + timeout
+        while (jobs := self._run("squeue", "-h", "-o", "%i %T").stdout.split("\n")) and any(jobs):
+            for line in filter(None, jobs):
+                self.release_requeued(self.job(int(line.split()[0])))
+            assert time.monotonic() < deadline, f"jobs still queued after {timeout}s: {jobs}"
+            time.sleep(0.5)
+
     def release_requeued(self, job: dict[str, str]) -> None:
         """A requeued job waits ~120 s (Reason=BeginTime) before it may start again; start it after a few
         seconds instead.
@@ -341,6 +350,7 @@ class TrainJob:
     workdir: Path
     save_folder: Path
     name: str
+    cluster: LocalSlurm
 
     @property
     def log(self) -> Path:
@@ -356,6 +366,33 @@ class TrainJob:
     def checkpoint(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step-{step:09d}"
 
+    def steps_logged(self) -> int:
+        """Lines in the run's metrics.jsonl: steps trained so far, counting those a resumed run trains again."""
+        path = self.run_dir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    def wait_log(self, text: str, timeout: float = 300) -> float:
+        """Poll until `text` is in the job log (releasing a requeued job as it goes); returns the time it took."""
+        started = time.monotonic()
+        while text not in self.log_text():
+            job = self.cluster.job(self.job_id)
+            self.cluster.release_requeued(job)
+            assert time.monotonic() - started < timeout, f"no {text!r} within {timeout}s: {job}\n{self.log_text()}"
+            assert job.get("JobState") not in FINAL, f"job ended before {text!r}: {job}\n{self.log_text()}"
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def wait_steps(self, more: int, timeout: float = 300) -> None:
+        """Poll until the run has logged `more` further steps (releasing a requeued job as it goes)."""
+        target = self.steps_logged() + more
+        started = time.monotonic()
+        while self.steps_logged() < target:
+            job = self.cluster.job(self.job_id)
+            self.cluster.release_requeued(job)
+            assert time.monotonic() - started < timeout, f"no step within {timeout}s: {job}\n{self.log_text()}"
+            assert job.get("JobState") not in FINAL, f"job ended: {job}\n{self.log_text()}"
+            time.sleep(0.05)
+
 
 def submit_train(slurm: LocalSlurm, workdir: Path, shards: Path, name: str, overrides=(), env=None,
                  sbatch_args=()) -> TrainJob:
@@ -365,7 +402,7 @@ def submit_train(slurm: LocalSlurm, workdir: Path, shards: Path, name: str, over
     job_id = slurm.sbatch("--gpus-per-node=0", f"--job-name={name}", *sbatch_args, str(TRAIN_SH), str(TINY),
                           f"data.remote={shards}", f"checkpoint.save_folder={save}", *TINY_OVERRIDES, *overrides,
                           cwd=workdir, env={**venv_env(), **(env or {})})
-    return TrainJob(job_id, workdir, save, name)
+    return TrainJob(job_id, workdir, save, name, slurm)
 
 
 def model_tensors(checkpoint: Path) -> dict:
@@ -385,6 +422,6 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_job(slurm, shards, tmp_path_factory) -> TrainJob:
-    """An uninterrupted training job, submitted once per session (not waited for here)."""
-    return submit_train(slurm, tmp_path_factory.mktemp("reference"), shards, "ref")
+def reference_job(slurm_hosts, shards, tmp_path_factory) -> TrainJob:
+    """An uninterrupted training job on two nodes, submitted once per session (not waited for here)."""
+    return submit_train(slurm_hosts, tmp_path_factory.mktemp("reference"), shards, "ref", sbatch_args=["--nodes=2"])

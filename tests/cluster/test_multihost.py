@@ -117,15 +117,6 @@ def assert_close(got: Path, run: str, want: Path, want_run: str | None = None, s
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from dip_scale.data import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("data") / "synthetic-32"
-    write_synthetic_shards(str(out), num_images=128, resolution=32, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
 def two_hosts(hosts, shards, tmp_path_factory) -> Path:
     return launch(hosts, tmp_path_factory.mktemp("two-hosts"), 2, 2, {**STRATEGIES, **BF16}, shards)
 
