@@ -69,13 +69,13 @@ def hybrid_replicas(recipe: Recipe, world_size: int, ranks_per_node: int) -> int
 
 def fsdp_config(recipe: Recipe, precision: str) -> FSDP2Config:
     sharding = recipe.parallelism.fsdp.sharding
-    common = dict(
+    common = {
         # ZeRO-3 frees gathered parameters after each unit's forward; ZeRO-2 keeps them until backward, so
         # only gradients and optimizer state stay sharded.
-        reshard_after_forward=sharding != "grad_op",
-        activation_checkpointing=recipe.train.activation_checkpointing,
-        state_dict_type="sharded",
-    )
+        "reshard_after_forward": sharding != "grad_op",
+        "activation_checkpointing": recipe.train.activation_checkpointing,
+        "state_dict_type": "sharded",
+    }
     if recipe.parallelism.reduce_dtype == "bf16":
         # Composer's DEFAULT policy, except that gradients are reduce-scattered (and, hybrid, all-reduced) in bf16.
         common["mixed_precision"] = {"param_dtype": precision, "reduce_dtype": "bf16", "buffer_dtype": precision}
@@ -121,12 +121,13 @@ def after_trainer(trainer_model: nn.Module, model: nn.Module, recipe: Recipe) ->
     strategy = recipe.parallelism.strategy
     if strategy == "fsdp":
         average_gradients_on_gloo(model)
-    elif strategy == "ddp" and recipe.parallelism.reduce_dtype == "bf16":
-        if isinstance(trainer_model, nn.parallel.DistributedDataParallel):  # one rank: nothing to reduce
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+    # One rank has no DDP wrapper and nothing to reduce.
+    if (strategy == "ddp" and recipe.parallelism.reduce_dtype == "bf16"
+            and isinstance(trainer_model, nn.parallel.DistributedDataParallel)):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-            # Each bucket is divided by the world size, cast to bf16, all-reduced and cast back: half the bytes.
-            trainer_model.register_comm_hook(None, bf16_compress_hook)
+        # Each bucket is divided by the world size, cast to bf16, all-reduced and cast back: half the bytes.
+        trainer_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
 
 
 # ----------------------------------------------------------------------------------------------------

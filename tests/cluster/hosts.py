@@ -33,10 +33,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 NETWORKS = {"eth0": "10.77.0", "eth1": "10.78.0"}  # interface in every host -> its /24
 SUBNET = NETWORKS["eth0"]
@@ -46,7 +48,7 @@ _PREFIX_RE = re.compile(r"^dipt(\d+)x[0-9a-f]{4}-")
 
 
 def _ip(*args: str) -> None:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
 
@@ -56,13 +58,13 @@ def namespaces_possible() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces as hosts need root"
     for tool in ("ip", "nsenter", "unshare", "bridge"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+        if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian: iproute2, util-linux)"
     probe = f"dipt{os.getpid()}x{secrets.token_hex(2)}-probe"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return f"cannot create a network namespace: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
@@ -73,7 +75,7 @@ def remove_stale() -> None:
     for ns in NETNS_DIR.iterdir():
         m = _PREFIX_RE.match(ns.name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, check=False)
 
 
 class Hosts:
@@ -123,10 +125,10 @@ class Hosts:
                 except ProcessLookupError:
                     pass
         for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self._created.clear()
 
-    def __enter__(self) -> Hosts:
+    def __enter__(self) -> Self:
         try:
             return self.create()
         except BaseException:
@@ -166,7 +168,7 @@ class Hosts:
         return subprocess.Popen(self.command(i, cmd), **kwargs)
 
     def run(self, i: int | None, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(i, cmd), **kwargs)
+        return subprocess.run(self.command(i, cmd), check=False, **kwargs)
 
     def _ns_inode(self, ns: str) -> int:
         return os.stat(NETNS_DIR / ns).st_ino

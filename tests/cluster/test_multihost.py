@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.cluster.conftest import REPO, TINY
 from tests.train.launch import final_model
