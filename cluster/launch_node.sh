@@ -21,21 +21,22 @@
 #                  to whatever this node's hostname resolves to, often 127.0.x.1, and the nodes never connect.
 #                  If no interface reaches MASTER_ADDR (no route, or only loopback), this script stops at once
 #                  (exit 2) and names the variables to set.
-#
 #   MODULE         the Python module every rank runs with the arguments [dip_scale.train]
 #
 # Exit status: the node's, from its ranks' (0 done, 2 bad recipe, 3 non-finite stop, 75 preempted after a
-# checkpoint, 76 lost contact with other ranks), also written to LOG_DIR/node<NODE_RANK>.status for
-# cluster/train.sh. When ranks of the node end differently, the first rank's own failure counts (a crash or
-# 2/3) before 76 (it only saw another rank go), before 75; ranks the launcher itself stopped after another
-# rank ended do not count.
+# checkpoint, 76 lost contact with other ranks, 128+N killed by signal N), also written to
+# LOG_DIR/node<NODE_RANK>.status for cluster/train.sh. When the node's ranks end differently, a rank's own
+# failure (a crash, 2, 3) counts before 76 (that rank only saw another one go), and 76 before 75; ranks the
+# launcher itself stopped after another rank ended do not count.
 #
 # Lifetime: the ranks die with the launcher (train/__main__.py sets PR_SET_PDEATHSIG), so a launcher that is
 # killed takes its ranks along and the other nodes' ranks exit 76 within seconds.
+#
 # Signals: Slurm delivers a signal sent to a job step to every process of the step. The ranks checkpoint
 # on SIGUSR1/SIGTERM and exit 75 (before training starts, the signal ends them). The composer launcher
-# would die of the signal's default action and leave the ranks without a parent, so it runs with handlers
-# that only take note and waits for its ranks; told to stop before it started them, it exits 75 at once.
+# would die of the signal's default action (and, importing composer, installs a handler that exits on
+# SIGTERM), taking its ranks with it before they could checkpoint, so it runs with handlers that only take
+# note and waits for its ranks; told to stop before it started them, it exits 75 at once.
 set -euo pipefail
 
 NNODES=${NNODES:-${SLURM_NNODES:-1}}

@@ -60,7 +60,9 @@ class LocalSlurm:
     """The daemons of a cluster (one node on localhost, or one node per host of `hosts`) and helpers to submit
     and watch jobs."""
 
-    SLURMD_TIMEOUT = 10  # s without an answer from a node before slurmctld marks it DOWN (Slurm's default: 300)
+    # Seconds without an answer from a node before slurmctld marks it DOWN: short on the hosts, whose nodes the
+    # tests kill; Slurm's default on localhost.
+    SLURMD_TIMEOUT = {True: 10, False: 300}
 
     def __init__(self, root: Path, hosts=None):
         self.root = root
@@ -156,7 +158,7 @@ class LocalSlurm:
             f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
-            f"SlurmdTimeout={self.SLURMD_TIMEOUT}",
+            f"SlurmdTimeout={self.SLURMD_TIMEOUT[self.hosts is not None]}",
             f"PlugStackConfig={root / 'plugstack.conf'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
