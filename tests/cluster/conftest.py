@@ -169,7 +169,7 @@ class LocalSlurm:
             "ReturnToService=2",
             "JobRequeue=1",
             "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` for the whole session
-            "KillWait=30",
+            f"KillWait={10 if self.hosts else 30}",  # SIGTERM -> SIGKILL; after a node death the survivors wait here
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",

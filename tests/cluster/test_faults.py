@@ -13,9 +13,10 @@ Another job loses node 1 entirely (links down, every process on it killed, slurm
 the node DOWN (SlurmdTimeout 10 s) and requeues the job itself, which train.sh's log says; the node comes
 back and the job resumes.
 
-Measured on 2 CPU cores shared with other work (load average 5-7): launcher killed -> the job requeued by
-train.sh 4-7 s later; partition -> requeued 34.6 s after it (dist_timeout 30 s); node death -> requeued by
-Slurm 30.5-31.5 s after it (SlurmdTimeout 10 s and its ping cycle).
+Measured on 2 CPU cores shared with other work (load average 5-7), two runs: launcher killed -> its rank
+gone 0.6 s later, the job requeued by train.sh 3.6-4.0 s after the kill; partition -> requeued 34.6-35.4 s
+after it (dist_timeout 30 s); node death -> requeued by Slurm 30.5-31.8 s after it (SlurmdTimeout 10 s and its
+ping cycle).
 """
 
 from __future__ import annotations
