@@ -169,7 +169,7 @@ class LocalSlurm:
             "ReturnToService=2",
             "JobRequeue=1",
             "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` for the whole session
-            f"KillWait={10 if self.hosts else 30}",  # SIGTERM -> SIGKILL; after a node death the survivors wait here
+            f"KillWait={10 if self.hosts else 30}",  # SIGTERM to SIGKILL (a dead node's job waits for it)
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
