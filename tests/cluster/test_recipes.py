@@ -8,8 +8,9 @@ sample grids, and the scheduled evaluation in the recipe's mode: `slurm` recipes
 to the local Slurm of tests/cluster, `local` ones evaluate in-process.
 
 What differs, and only in size (SIZE_KEYS): a small trunk of the same kind (depth 2, width 64; the head's
-kind and patch size as written) with the synthetic data's 10 classes, batch 4, 6 steps (3, then a rerun to 6), every interval scaled to those
-steps, 2 sampler steps, the smallest class-balanced evaluation, one data worker. The CPU keys (CPU_KEYS):
+kind and patch size as written) with the synthetic data's 10 classes, batch 4, 6 steps (3, then a rerun to
+6), every interval scaled to those steps, 2 sampler steps, a class-balanced evaluation of 100 samples, one
+data worker. The CPU keys (CPU_KEYS):
 fp32 instead of bf16 (Composer allows only fp32 on CPU) and torch.compile with the CPU-cheap `aot_eager`
 backend instead of inductor (the same regional compilation, without code generation). The location keys
 (LOCATION_KEYS): where the data, checkpoints, reference and job script are.
