@@ -146,9 +146,34 @@ def run_train(cwd: Path, recipe: Path, overrides: list[str], env: dict, steps: i
     return proc
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_recipe_trains_checkpoints_resumes_and_evaluates_as_written(path, slurm, s3_server, torch_home, shards,
+def same_runs(paths: list[Path]) -> list[tuple[Path, ...]]:
+    """Recipes grouped by the run they shrink to (dip_l_256 and dip_xl_256 differ in the trunk's size alone, so
+    their shrunk runs are the same run): one training per group covers every file of it."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        recipe = load_recipe(path)
+        shrunk = flat(load_recipe(path, size_overrides(recipe)))
+        key = repr(sorted((k, v) for k, v in shrunk.items() if k not in ("run_name", "model.preset")))
+        groups.setdefault(key, []).append(path)
+    return [tuple(g) for g in groups.values()]
+
+
+def flat(obj, prefix: str = "") -> dict:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            out.update(flat(getattr(obj, f.name), f"{prefix}{f.name}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+GROUPS = same_runs(RECIPES)
+
+
+@pytest.mark.parametrize("paths", GROUPS, ids=["+".join(p.name for p in g) for g in GROUPS])
+def test_recipe_trains_checkpoints_resumes_and_evaluates_as_written(paths, slurm, s3_server, torch_home, shards,
                                                                      tmp_path):
+    path = paths[0]
     recipe = load_recipe(path)
     cwd = tmp_path / "work"
     cwd.mkdir()
@@ -232,15 +257,6 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates_as_written(path, slurm,
 # ----------------------------------------------------------------------------------------------------
 
 TWINS = [p for p in RECIPES if p.name.endswith("_tiny_cpu.yaml")]
-
-
-def flat(obj, prefix: str = "") -> dict:
-    if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            out.update(flat(getattr(obj, f.name), f"{prefix}{f.name}."))
-        return out
-    return {prefix[:-1]: obj}
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=[p.name for p in TWINS])
