@@ -183,8 +183,7 @@ class ComposerPath:
         recipe_file.write_text(bench_recipe_yaml(s, workdir))
         recipe = load_recipe(recipe_file)
         self.loader = MemoryBatches(s)
-        with mock.patch.object(build, "check_data", lambda recipe: None), \
-                mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
+        with mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
             self.trainer, _ = build.build_trainer(recipe)
         callbacks = self.trainer.state.callbacks
         callbacks[:] = [c for c in callbacks if not isinstance(c, CheckpointSaver)]
