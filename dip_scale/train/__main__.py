@@ -16,6 +16,7 @@ train.dist_timeout: another rank died, a node was lost, the network partitioned;
 # A preemption can come at any moment of a start: before the heavy imports below, SIGTERM and SIGUSR1 already
 # mean "exit 75, try again later" (a requeue), not the default death by signal (143 / 138), which a job
 # script cannot tell from a crash. PreemptionCheckpoint takes over once training runs.
+import os
 import signal
 import sys
 
@@ -27,7 +28,10 @@ def _leave(signum, frame):
         signal.signal(sig, signal.SIG_IGN)
     print(f"received {signal.Signals(signum).name} before training started: exiting with {EXIT_PREEMPTED}",
           file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    # Not sys.exit: the start may be inside a download whose worker threads wait on a stalled store, and the
+    # interpreter would wait for them at exit. Nothing is lost: downloads land under a temporary name first.
+    sys.stdout.flush()
+    os._exit(EXIT_PREEMPTED)
 
 
 def exit_on_signal() -> None:
@@ -39,7 +43,6 @@ exit_on_signal()
 
 import argparse  # noqa: E402  (after the handler: see above)
 import logging  # noqa: E402
-import os  # noqa: E402
 import warnings  # noqa: E402
 
 from dip_scale.recipe import ConfigError, check_world_size, load_recipe, model_config, to_yaml  # noqa: E402
