@@ -229,8 +229,9 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         save_folder=None,
         python_log_level=None,
     )
-    if recipe.parallelism.strategy == "fsdp":
-        parallel.average_gradients_on_gloo(model)  # the Trainer has sharded it in place by now
+    if recipe.parallelism.strategy == "fsdp":  # the Trainer has sharded the model in place by now
+        parallel.average_gradients_on_gloo(model)
+        parallel.register_forward_methods(model)
     return trainer, paths
 
 

@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dip_scale.diffusion.sampler import METHODS
-from dip_scale.models.dip import HEAD_KINDS, PRESETS
+from dip_scale.models.dip import HEAD_KINDS, HEAD_PLACEMENTS, PRESETS
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 FSDP_SHARDING = ("full", "grad_op", "hybrid")  # ZeRO-3, ZeRO-2, shard within a node + replicate across
@@ -40,7 +40,12 @@ class ModelConfig:
     patch_size: Optional[int] = None
     num_classes: Optional[int] = None
     detailer_head: Optional[str] = None
+    """unet (the paper's head), mlp, attention or coord_mlp (the paper's ablation heads), or none (DiT-only);
+    presets "DiP-XL/16-<head>" hold the ablation rows."""
     detailer_width: Optional[int] = None
+    head_placement: Optional[str] = None
+    """end (after the last block; the paper's choice), mid (after block depth // 2, the head's output fed back
+    into the trunk) or both; presets "DiP-XL/16-mid", "DiP-XL/16-both". docs/dip.md describes each."""
 
 
 @dataclass
@@ -263,6 +268,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _one_of(source, "model.preset", m.preset, sorted(PRESETS))
     if m.detailer_head is not None:
         _one_of(source, "model.detailer_head", m.detailer_head, HEAD_KINDS)
+    if m.head_placement is not None:
+        _one_of(source, "model.head_placement", m.head_placement, HEAD_PLACEMENTS)
     try:
         model_config(recipe)
     except ValueError as err:

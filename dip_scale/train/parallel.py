@@ -2,8 +2,8 @@
 Composer reads (which modules to shard, which to checkpoint), plus activation checkpointing and
 torch.compile. DeepSpeed lives in train/deepspeed.py.
 
-Units of sharding and recomputation are the DiT blocks and the detailer head, of both the live network
-and its EMA copy.
+Units of sharding and recomputation are the DiT blocks and the heads (or the DiT final layer), of both the
+live network and its EMA copy.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from dip_scale.models.detailer import channels_last_weights
+from dip_scale.models import channels_last_weights
 from dip_scale.models.dit import DiTBlock
 from dip_scale.train.config import Recipe
 
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 def shard_units(net: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = list(net.trunk.blocks)
-    units.append(net.detailer if net.detailer is not None else net.final_layer)
-    return units
+    return units + [m for m in (net.mid_detailer, net.detailer, net.final_layer) if m is not None]
 
 
 def fsdp_config(recipe: Recipe) -> FSDP2Config:
@@ -69,6 +68,15 @@ def prepare(model: nn.Module, recipe: Recipe) -> dict | None:
     if strategy == "fsdp":
         return {"fsdp": fsdp_config(recipe)}
     return None
+
+
+def register_forward_methods(model: nn.Module) -> None:
+    """Let FSDP2 gather parameters around net.forward_with_hidden too. Call after sharding, on every rank.
+
+    FSDP2 unshards a module's own parameters (here the embedders and the mid head's feedback, which no unit
+    below `net` holds) in hooks around forward() only; the training wrapper calls forward_with_hidden when
+    REPA is on. Without FSDP this does nothing."""
+    register_fsdp_forward_method(model.net, "forward_with_hidden")
 
 
 def backend_for(group: torch_dist.ProcessGroup, device_type: str) -> str:

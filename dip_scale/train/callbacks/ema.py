@@ -1,4 +1,4 @@
-"""Update the EMA network after every optimizer step (DIP_SPEC.md section 3: 0.9999 every step).
+"""Update the EMA network after every optimizer step (docs/dip.md, "Recipe": 0.9999 every step).
 
 The EMA is a frozen submodule of the training wrapper (`ema_net`), so it is sharded, checkpointed and
 restored with the model under every strategy; this callback only moves it. Steps that the optimizer
