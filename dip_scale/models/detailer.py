@@ -130,13 +130,13 @@ class _PixelBlock(nn.Module):
 
 class AttentionDetailer(nn.Module):
     """Self-attention among the P*P pixels of one patch: each pixel's RGB, a learned position embedding and
-    the patch's DiT token are embedded and summed, then `depth` transformer blocks, then a linear read-out."""
+    the patch's DiT token are embedded and summed, then `depth` transformer blocks, then a linear read-out.
+    Attention heads of 16 channels (4 at width 64), or one head when the width is not a multiple of 16."""
 
     def __init__(self, patch_size: int, hidden_size: int, in_channels: int = 3, width: int = 64,
-                 depth: int = 2, num_heads: int = 4):
+                 depth: int = 2):
         super().__init__()
-        if width % num_heads:
-            raise ValueError(f"the attention head's width {width} must be divisible by its {num_heads} heads")
+        num_heads = width // 16 if width % 16 == 0 else 1
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.pixel_in = nn.Linear(in_channels, width)
@@ -213,7 +213,7 @@ class CoordMLPDetailer(nn.Module):
 def make_head(kind: str, patch_size: int, hidden_size: int, width: int) -> nn.Module:
     """The head `kind` for P x P patches and D-wide tokens, sized by `width` (DiPConfig.detailer_width):
     unet base width = width (64..512 at 64); mlp hidden = 16 x width (1024 at 64); attention width = width,
-    2 blocks, 4 heads; coord_mlp hidden = 4 x width (256 at 64), 3 layers."""
+    2 blocks, heads of 16 channels; coord_mlp hidden = 4 x width (256 at 64), 3 layers."""
     if kind == "unet":
         return PatchDetailerUNet(patch_size, hidden_size, base_width=width)
     if kind == "mlp":

@@ -68,9 +68,6 @@ class DiPConfig:
                              "divisible by 4 (2-D RoPE)")
         if self.detailer_head == "unet" and self.patch_size % 16:
             raise ValueError(f"detailer_head 'unet' needs patch_size divisible by 16, got {self.patch_size}")
-        if self.detailer_head == "attention" and self.detailer_width % 4:
-            raise ValueError(f"detailer_head 'attention' needs detailer_width divisible by its 4 heads, got "
-                             f"{self.detailer_width}")
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes", "detailer_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
