@@ -1,6 +1,6 @@
 """Sampling throughput of the evaluation path (images/s), for sizing FID-50K jobs.
 
-Times dip_scale.eval.generate.sample_batch, the exact per-batch work of `dip-eval` (per-sample seeded
+Times dip_scale.eval.generate.sample_images, the exact per-batch work of `dip-eval` (per-sample seeded
 noise, batched cond/uncond CFG inside the guidance interval, Euler or Heun, uint8 output), on random
 weights: speed does not depend on the values.
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from dip_scale.diffusion.sampler import METHODS, SamplerConfig
-from dip_scale.eval.generate import default_autocast, sample_batch
+from dip_scale.eval.generate import class_labels, default_autocast, sample_images
 from dip_scale.models import PRESETS, build_model
 
 
@@ -49,17 +49,22 @@ def sync(device: torch.device):
 
 
 def measure(net, batch_size: int, args, device, autocast, config) -> dict:
-    kwargs = dict(num_classes=config.num_classes, seed=0, sampler=args.sampler,
+    kwargs = dict(null_class=config.num_classes, seed=0, sampler=args.sampler,
                   image_size=(args.resolution, args.resolution), device=device, autocast_dtype=autocast)
+
+    def sample_batch(start: int):
+        indices = range(start, start + batch_size)
+        return sample_images(net, indices, class_labels(indices, config.num_classes), **kwargs)
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    sample_batch(net, 0, batch_size, **kwargs)  # warm-up: kernels, autotuning, compilation
+    sample_batch(0)  # warm-up: kernels, autotuning, compilation
     sync(device)
     warmup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for r in range(args.repeats):
-        sample_batch(net, (r + 1) * batch_size, batch_size, **kwargs)
+        sample_batch((r + 1) * batch_size)
     sync(device)
     per_batch = (time.perf_counter() - t0) / args.repeats
     row = {"batch": batch_size, "img_s": batch_size / per_batch, "s_per_batch": per_batch, "warmup_s": warmup}

@@ -7,7 +7,7 @@ the model FLOPs utilisation.
     python bench/train_bench.py --preset DiP-XL/16 --image-size 256 --batch 64 --compile
     python bench/train_bench.py --json out.json                            # also write the numbers as JSON
 
-(a) is what `python -m dip_scale.train` runs: a recipe validated by dip_scale.train.config, then
+(a) is what `python -m dip_scale.train` runs: a recipe validated by dip_scale.recipe, then
 dip_scale.train.build.build_trainer (DiPComposerModel with its EMA copy, GuardedAdamW, the per-step
 callbacks, precision, torch.compile and activation checkpointing through train/parallel.py) and
 Trainer.fit. Two substitutions keep storage out of the timing: batches come from memory (uint8 images,
@@ -174,17 +174,16 @@ class ComposerPath:
     name = "composer"
 
     def __init__(self, s: StepSettings, workdir: Path):
+        from dip_scale.recipe import load_recipe
         from dip_scale.train import build
         from dip_scale.train.callbacks.checkpoint import CheckpointSaver
-        from dip_scale.train.config import load_recipe
 
         self.settings = s
         recipe_file = workdir / "train_bench.yaml"
         recipe_file.write_text(bench_recipe_yaml(s, workdir))
         recipe = load_recipe(recipe_file)
         self.loader = MemoryBatches(s)
-        with mock.patch.object(build, "check_data", lambda recipe: None), \
-                mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
+        with mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
             self.trainer, _ = build.build_trainer(recipe)
         callbacks = self.trainer.state.callbacks
         callbacks[:] = [c for c in callbacks if not isinstance(c, CheckpointSaver)]

@@ -23,7 +23,7 @@ from streaming import MDSWriter
 from data_prep.errors import PrepError
 from data_prep.sources.base import BadInput, Item, ItemLoader, Problem
 from dip_scale.data.layout import DONE_FILE, IMAGE_COLUMN, INDEX_FILE, LABEL_COLUMN, image_column_encoding, part_name
-from dip_scale.data.storage import Folder
+from dip_scale.storage import is_remote, open_store
 
 SHARD_HASHES = ["sha1", "xxh3_64"]
 """Stored per shard file: sha1 for `verify`, xxh3_64 as a fast choice for Streaming's validate_hash."""
@@ -95,7 +95,7 @@ class ChunkResult:
 
 def write_chunk(job: ChunkJob, progress: Callable[[int], None]) -> ChunkResult:
     """Write chunk `job.chunk` into `<out>/part-NNNNN/`; `progress(n)` is called as items are done."""
-    out = Folder(job.out_url)
+    out = open_store(job.out_url)
     part = part_name(job.chunk)
     out.delete_tree(part)  # the remains of an interrupted attempt, if any
     columns = {IMAGE_COLUMN: image_column_encoding(job.encoding, job.resolution), LABEL_COLUMN: "int"}
@@ -106,7 +106,7 @@ def write_chunk(job: ChunkJob, progress: Callable[[int], None]) -> ChunkResult:
     with tempfile.TemporaryDirectory(prefix="dip-prep-") as staging:
         # S3: stage the part locally, then upload it with this process's one S3 client (Streaming's
         # uploader builds a new boto3 session per writer, which costs more than writing a small chunk).
-        local_part = os.path.join(staging, part) if out.is_s3 else out.url_of(part)
+        local_part = os.path.join(staging, part) if is_remote(out.url) else out.url_of(part)
         writer = MDSWriter(out=local_part, columns=columns, compression=job.compression, hashes=SHARD_HASHES,
                            size_limit=job.shard_size_limit)
         done_since_report = 0
@@ -133,7 +133,7 @@ def write_chunk(job: ChunkJob, progress: Callable[[int], None]) -> ChunkResult:
         # An exception above leaves the part without done.json: a rerun deletes and redoes it.
         writer.finish()  # flushes the last shard and writes the part's index.json
         stored_files = [(shard["zip_data"] or shard["raw_data"])["basename"] for shard in writer.shards]
-        if out.is_s3:
+        if is_remote(out.url):
             # Shards first, the part's index after them, done.json (below) last.
             for name in [*stored_files, INDEX_FILE]:
                 out.upload(os.path.join(local_part, name), f"{part}/{name}")

@@ -16,12 +16,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from data_prep.errors import PrepError
 from data_prep.plan import chunks_of_task, resolve_task
 from data_prep.sources import FolderSource, ImageNetSource, Source, SyntheticSource
 from dip_scale.data.layout import IMAGE_ENCODINGS
+from dip_scale.storage import StoreUnavailable
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -185,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PrepError, FileNotFoundError) as error:
         print(f"dip-prep: error: {error}", file=sys.stderr)
         return 1
-    except (BotoCoreError, ClientError) as error:  # their messages name the operation, never the credentials
-        print(f"dip-prep: error: S3: {error}", file=sys.stderr)
+    except (PermissionError, StoreUnavailable) as error:  # they name the URL, never the credentials
+        print(f"dip-prep: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("dip-prep: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -18,7 +18,7 @@ from data_prep.errors import PrepError
 from data_prep.parts import describe_chunks, done_chunks, missing_chunks, read_part_indexes, read_results, require_plan
 from dip_scale import __version__
 from dip_scale.data.layout import DATASET_FORMAT, DATASET_INFO_FILE, INDEX_FILE, SKIPPED_FILE, part_name
-from dip_scale.data.storage import Folder
+from dip_scale.storage import open_store
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def prefixed_shard(shard: dict[str, Any], part: str) -> dict[str, Any]:
 
 def merge_dataset(out_url: str) -> MergeSummary:
     """Merge the complete parts at `out_url` (local folder or s3:// URL)."""
-    out = Folder(out_url)
+    out = open_store(out_url)
     plan = require_plan(out)
     missing = missing_chunks(plan, done_chunks(out))
     if missing:

@@ -14,30 +14,30 @@ from data_prep.chunk import ChunkResult
 from data_prep.errors import PrepError
 from data_prep.plan import Plan
 from dip_scale.data.layout import DONE_FILE, INDEX_FILE, PLAN_FILE, part_name
-from dip_scale.data.storage import Folder
+from dip_scale.storage import Store
 
 _DONE_NAME = re.compile(r"^part-(\d{5,})/" + re.escape(DONE_FILE) + "$")
 _FETCH_THREADS = 16
 
 
-def read_plan(out: Folder) -> Plan | None:
+def read_plan(out: Store) -> Plan | None:
     """The plan stored in `out`, or None when there is none yet."""
     if not out.exists(PLAN_FILE):
         return None
     return Plan.from_json(out.read_json(PLAN_FILE), out.url_of(PLAN_FILE))
 
 
-def done_chunks(out: Folder) -> set[int]:
+def done_chunks(out: Store) -> set[int]:
     """Chunks whose part folder carries a done.json (complete: index and shards are all in place)."""
     return {int(match.group(1)) for name in out.list("part-") if (match := _DONE_NAME.match(name))}
 
 
-def _fetch_json(out: Folder, names: list[str]) -> list[Any]:
+def _fetch_json(out: Store, names: list[str]) -> list[Any]:
     with ThreadPoolExecutor(_FETCH_THREADS) as pool:
         return list(pool.map(out.read_json, names))
 
 
-def read_results(out: Folder, chunks: list[int]) -> dict[int, ChunkResult]:
+def read_results(out: Store, chunks: list[int]) -> dict[int, ChunkResult]:
     """The completion records of `chunks` (all must be complete)."""
     names = [f"{part_name(c)}/{DONE_FILE}" for c in chunks]
     results = {}
@@ -49,13 +49,13 @@ def read_results(out: Folder, chunks: list[int]) -> dict[int, ChunkResult]:
     return results
 
 
-def read_part_indexes(out: Folder, chunks: list[int]) -> dict[int, dict[str, Any]]:
+def read_part_indexes(out: Store, chunks: list[int]) -> dict[int, dict[str, Any]]:
     """Streaming's index.json of each part in `chunks`."""
     names = [f"{part_name(c)}/{INDEX_FILE}" for c in chunks]
     return dict(zip(chunks, _fetch_json(out, names)))
 
 
-def require_plan(out: Folder) -> Plan:
+def require_plan(out: Store) -> Plan:
     plan = read_plan(out)
     if plan is None:
         raise PrepError(f"no {PLAN_FILE} in {out.url}: not the output of `dip-prep write`")

@@ -41,7 +41,7 @@ from dip_scale.data.layout import (
     part_name,
     read_dataset_info,
 )
-from dip_scale.data.storage import Folder
+from dip_scale.storage import Store, open_store
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _check_image(value: Any, encoding: str, resolution: int) -> str | None:
 
 
 def _check_shard(url: str, shard: dict[str, Any], encoding: str, resolution: int, num_classes: int) -> _ShardCheck:
-    folder = Folder(url)
+    folder = open_store(url)
     stored = shard.get("zip_data") or shard["raw_data"]
     check = _ShardCheck(basename=shard["raw_data"]["basename"])
     name = folder.url_of(stored["basename"])
@@ -162,7 +162,7 @@ def _check_shard(url: str, shard: dict[str, Any], encoding: str, resolution: int
 
 # -- the dataset ------------------------------------------------------------------------------------
 
-def _check_structure(folder: Folder, info: dict[str, Any], index: dict[str, Any], report: VerifyReport) -> None:
+def _check_structure(folder: Store, info: dict[str, Any], index: dict[str, Any], report: VerifyReport) -> None:
     shards = index.get("shards", [])
     report.num_shards = len(shards)
     report.num_samples = sum(int(shard.get("samples", 0)) for shard in shards)
@@ -202,7 +202,7 @@ def _check_structure(folder: Folder, info: dict[str, Any], index: dict[str, Any]
 def verify_dataset(url: str, num_workers: int = 1, progress: bool = True) -> VerifyReport:
     """Check the dataset at `url` (local folder or s3:// URL); see the module docstring."""
     started = time.perf_counter()
-    folder = Folder(url)
+    folder = open_store(url)
     report = VerifyReport(url=folder.url)
     try:
         info = read_dataset_info(folder.url)

@@ -33,7 +33,7 @@ from data_prep.plan import Plan, chunks_of_task
 from data_prep.sources.base import Problem, Source
 from data_prep.workers import worker_context
 from dip_scale.data.layout import IMAGE_ENCODINGS, PLAN_FILE, SKIPPED_FILE
-from dip_scale.data.storage import Folder
+from dip_scale.storage import Store, open_store
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def make_plan(source: Source, options: WriteOptions) -> Plan:
                 shard_size_limit=bytes_to_int(options.shard_size_limit), source_root=source.root)
 
 
-def _agree_on_plan(out: Folder, plan: Plan) -> None:
+def _agree_on_plan(out: Store, plan: Plan) -> None:
     """Store the plan, or check that the one already stored (by another task or run) is the same."""
     stored = read_plan(out)
     if stored is None:
@@ -218,7 +218,7 @@ def _write_report(url: str, problems: list[Problem], source_problems: list[Probl
     lines = [json.dumps({**p.to_json(), "kind": "source"}) for p in source_problems]
     lines += [json.dumps({**p.to_json(), "kind": "input"}) for p in problems]
     parent, _, name = url.rstrip("/").rpartition("/")
-    Folder(parent or ".").write_bytes(name, "".join(line + "\n" for line in lines).encode())
+    open_store(parent or ".").write_bytes(name, "".join(line + "\n" for line in lines).encode())
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def write_dataset(source: Source, out_url: str, options: WriteOptions) -> WriteS
         first = source.problems[0]
         raise PrepError(f"source problem {first.key!r}: {first.reason} (--strict; {len(source.problems)} in all)")
     started = time.perf_counter()
-    out = Folder(out_url)
+    out = open_store(out_url)
     plan = make_plan(source, options)
     if plan.num_items == 0:
         raise PrepError(f"the source has no images (source problems: {len(source.problems)})")

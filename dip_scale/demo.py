@@ -25,9 +25,8 @@ import csv
 import sys
 from pathlib import Path
 
-
+from data_prep.synthetic import write_synthetic_shards
 from dip_scale.data.layout import read_dataset_info
-from dip_scale.data.synthetic import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
@@ -59,7 +58,7 @@ def write_real_grid(path: Path, classes: list[int], per_class: int, resolution: 
     import torch
 
     from dip_scale.data.synthetic import synthetic_image
-    from dip_scale.train.callbacks.sample_grid import image_grid
+    from dip_scale.eval.grid import image_grid
 
     found: dict[int, list[np.ndarray]] = {c: [] for c in classes}
     index = 0
@@ -75,7 +74,8 @@ def write_real_grid(path: Path, classes: list[int], per_class: int, resolution: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dip_scale.demo", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for data, runs and results (default runs/demo)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, key=value")

@@ -15,89 +15,85 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
+
+from dip_scale.checkpoint import load_model
+from dip_scale.diffusion.sampler import prepare_for_sampling
+from dip_scale.eval.flags import add_sampler_flags, sampler_from_flags
+from dip_scale.eval.generate import default_autocast, generate, sample_images
+from dip_scale.eval.grid import class_columns, image_grid
+from dip_scale.eval.results import save_samples_npz
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dip-sample", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="run folder, checkpoint folder or file, s3:// URL, or released file with --official")
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint",
+                   help="run folder, checkpoint folder or file, s3:// URL, or the released file with --official")
     p.add_argument("--official", action="store_true", help="the checkpoint is the authors' released file")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling a released Lightning file")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that only a full unpickling reads (runs code from the file: only for "
+                        "files you trust, e.g. your own run's sharded or DeepSpeed checkpoints)")
     p.add_argument("--classes", type=int, nargs="+", help="class ids of the grid (default: 8 spread over the labels)")
     p.add_argument("--per-class", type=int, default=4, help="images per class in the grid (default 4)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
-    p.add_argument("--num-samples", type=int, default=0, help="with --npz: class-balanced samples to write")
-    p.add_argument("--npz", help="write samples as an ADM-evaluator .npz (uint8 NHWC arr_0, labels arr_1)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--method", choices=["euler", "heun"])
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=0,
+                   help="with --npz: how many class-balanced samples to write (a multiple of the classes)")
+    p.add_argument("--npz", help="write samples as an ADM-evaluator .npz (uint8 NHWC arr_0, labels arr_1); they are "
+                                 "the samples dip-eval draws with the same --seed")
+    add_sampler_flags(p.add_argument_group("sampler (default: the recipe's, from the checkpoint)"))
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
     p.add_argument("--compile", action="store_true",
                    help="bf16 weights and torch.compile (CUDA graphs on a GPU): pays off after the first minute")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses the noise of (seed, i) (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when a GPU is visible, else cpu)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
-
-    from dip_scale.diffusion.sampler import SamplerConfig, prepare_for_sampling, sample, sample_noise, to_uint8
-    from dip_scale.inference import load_model
-    from dip_scale.train.callbacks.sample_grid import image_grid
-
     try:
-        model, info = load_model(args.checkpoint, official=args.official, trust_checkpoint=args.trust_checkpoint)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    n_cls = info["num_classes"]
-    classes = args.classes or [round(i * (n_cls - 1) / 7) for i in range(8)]
-    bad = [c for c in classes if not 0 <= c < n_cls]
-    if bad:
-        print(f"error: --classes {bad} outside [0, {n_cls}) for this model", file=sys.stderr)
-        return 2
-    settings = dict(info["sampler"])
-    for key in ("steps", "method", "guidance_scale", "guidance_interval"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    try:
-        config = SamplerConfig(**{**settings, "guidance_interval": tuple(settings["guidance_interval"])})
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        model, info = load_model(args.checkpoint, official=args.official, trust=args.trust_checkpoint)
+        n_cls = info["num_classes"]
+        classes = args.classes or [round(i * (n_cls - 1) / 7) for i in range(8)]
+        bad = [c for c in classes if not 0 <= c < n_cls]
+        if bad:
+            raise ValueError(f"--classes {bad} are outside [0, {n_cls}) for this model")
+        if args.npz and (args.num_samples <= 0 or args.num_samples % n_cls):
+            raise ValueError(f"--num-samples must be a positive multiple of the {n_cls} classes, got "
+                             f"{args.num_samples}")
+        if args.per_class <= 0 or args.batch_size <= 0:
+            raise ValueError("--per-class and --batch-size must be positive")
+        sampler = sampler_from_flags(info["sampler"], args)
+    except (FileNotFoundError, ValueError, PermissionError) as err:
+        print(f"dip-sample: error: {err}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     model = model.to(device)
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = default_autocast(device)
+    net = model
     if args.compile:
-        model = prepare_for_sampling(model, dtype=amp, compile=True)
+        net = prepare_for_sampling(model, dtype=amp, compile=True)
         amp = None  # the weights are cast already
-    shape = (3, *info["image_size"])
+    size = tuple(info["image_size"])
 
-    def generate(labels: list[int], offset: int, desc: str) -> torch.Tensor:
-        out = []
-        for i in tqdm(range(0, len(labels), args.batch_size), desc=desc):
-            y = torch.tensor(labels[i:i + args.batch_size], device=device)
-            noise = sample_noise(range(offset + i, offset + i + len(y)), shape, args.seed, device=device)
-            out.append(to_uint8(sample(model, noise, y, config, n_cls, amp)).cpu())
-        return torch.cat(out)
-
-    grid_labels = [c for c in classes for _ in range(args.per_class)]
-    images = generate(grid_labels, 0, "grid")
-    grid = images.reshape(len(classes), args.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
+    grid_labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
+    images = torch.cat([
+        sample_images(net, range(i, min(i + args.batch_size, len(grid_labels))), grid_labels[i:i + args.batch_size],
+                      seed=args.seed, sampler=sampler, image_size=size, device=device, autocast_dtype=amp,
+                      null_class=n_cls).cpu()
+        for i in range(0, len(grid_labels), args.batch_size)])
+    grid = class_columns(images, len(classes))
     image_grid(grid, columns=len(classes)).save(args.out)
-    print(f"wrote {args.out} ({len(classes)} classes x {args.per_class}, step {info['step']}, {config})")
+    print(f"wrote {args.out} ({len(classes)} classes x {args.per_class}, step {info['step']}, {sampler})")
     if args.npz:
-        if args.num_samples <= 0 or args.num_samples % n_cls:
-            print(f"error: --num-samples must be a positive multiple of the {n_cls} classes", file=sys.stderr)
-            return 2
-        labels = [i % n_cls for i in range(args.num_samples)]
-        arr = generate(labels, 10**9, "npz")  # indices apart from the grid's
-        np.savez(args.npz, arr_0=arr.numpy(), arr_1=np.asarray(labels, dtype=np.int64))
+        batches = list(generate(net, num_samples=args.num_samples, seed=args.seed, sampler=sampler,
+                                batch_size=args.batch_size, device=device, image_size=size, autocast_dtype=amp,
+                                progress=sys.stderr.isatty()))
+        save_samples_npz(args.npz, torch.cat([b.images.cpu() for b in batches]).numpy(),
+                         torch.cat([b.labels for b in batches]).numpy())
         print(f"wrote {args.npz}: {args.num_samples} samples")
     return 0
 

@@ -4,7 +4,7 @@ s3_server (session scope)
     A real S3-speaking HTTP server (moto's ThreadedMotoServer) on 127.0.0.1 at a free port, started
     once per test session. While it runs, the environment of this process, and so of every subprocess a
     test starts (DataLoader workers, Composer's uploader, CLI runs), points S3 clients at it:
-        S3_ENDPOINT_URL      read by Streaming, Composer and dip_scale.data.storage
+        S3_ENDPOINT_URL      read by Streaming, Composer and dip_scale.storage
         AWS_ENDPOINT_URL_S3  read by boto3 itself, for any other client
         AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY   dummy values; AWS_DEFAULT_REGION=us-east-1
         NO_PROXY             loopback never goes through a proxy
@@ -25,6 +25,9 @@ s3_server (session scope)
 
 s3_url (function scope)
     `s3_server.fresh_url(<test name>)`: a unique, empty s3:// prefix for one test.
+
+tiny_shards (session scope)
+    256 synthetic 32x32 images as local MDS shards: the tiny recipes' data.
 """
 
 from __future__ import annotations
@@ -104,3 +107,13 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_url(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     return s3_server.fresh_url(request.node.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> str:
+    """256 synthetic 32x32 images as local MDS shards (the tiny recipes' data)."""
+    from data_prep.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("data") / "synthetic-32"
+    write_synthetic_shards(str(out), num_images=256, resolution=32, seed=0)
+    return str(out)

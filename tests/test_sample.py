@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_scale.inference import load_model
+from dip_scale.checkpoint import load_model
 from dip_scale.models import build_model
 from dip_scale.models.official import to_official_state_dict
 from dip_scale.sample import main
@@ -17,7 +17,7 @@ from tests.train.launch import train
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from dip_scale.data.synthetic import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     shards = tmp_path_factory.mktemp("data") / "synthetic-32"
     write_synthetic_shards(str(shards), num_images=64, resolution=32, seed=0)

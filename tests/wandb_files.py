@@ -25,6 +25,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def records(path: Path) -> list[bytes]:
+    """The serialized records of a .wandb file, in order (a record still being written is left out)."""
     data = Path(path).read_bytes()
     ident, magic, version = _HEADER.unpack_from(data, 0)
     assert (ident, magic) == (b":W&B", 0xBEE1), f"{path}: not a wandb log ({ident!r}, {magic:#x}, v{version})"
@@ -38,6 +39,8 @@ def records(path: Path) -> list[bytes]:
         if length == 0 and kind == 0:  # zero padding (a torn or preallocated tail)
             pos += room
             continue
+        if pos + _CHUNK.size + length > len(data):  # the writer (wandb's service process) is not done yet
+            break
         payload = data[pos + _CHUNK.size:pos + _CHUNK.size + length]
         assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum, f"{path}: bad checksum at {pos}"
         pos += _CHUNK.size + length
@@ -60,6 +63,10 @@ class OfflineRun:
     """The run's config, nested as logged (wandb's own `_wandb` entry removed)."""
     history: dict[int, dict] = field(default_factory=dict)
     """step -> every key logged at that step (later writes of a key win)."""
+    step_metrics: dict[str, str] = field(default_factory=dict)
+    """define_metric: metric name or glob -> the metric it is plotted against."""
+    group: str = ""
+    """The run's group."""
     files: list[Path] = field(default_factory=list)
     """The run's .wandb files (one per process that wrote to it: a resume appends a new one)."""
 
@@ -68,18 +75,25 @@ def _value(item) -> object:
     return json.loads(item.value_json)
 
 
-def read_run_file(path: Path, run: OfflineRun) -> None:
+def parsed_records(path: Path) -> list:
+    """The records of a .wandb file as wandb.proto Record messages."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    for raw in records(path):
-        record = pb.Record()
-        record.ParseFromString(raw)
+    return [pb.Record.FromString(raw) for raw in records(path)]
+
+
+def read_run_file(path: Path, run: OfflineRun) -> None:
+    for record in parsed_records(path):
         kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.group = record.run.run_group or run.group
         if kind in ("run", "config"):  # init's config comes with the run record, later updates on their own
             for item in (record.run.config if kind == "run" else record.config).update:
                 key = item.key or "/".join(item.nested_key)
                 if key != "_wandb":
                     run.config[key] = _value(item)
+        elif kind == "metric":
+            run.step_metrics[record.metric.glob_name or record.metric.name] = record.metric.step_metric
         elif kind == "history":
             row = {(item.key or "/".join(item.nested_key)): _value(item) for item in record.history.item}
             step = record.history.step.num if record.history.HasField("step") else row.get("_step")

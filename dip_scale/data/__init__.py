@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dip_scale.data.layout import read_dataset_info
     from dip_scale.data.shared_memory import clean_stale_shared_memory
     from dip_scale.data.streaming import DiPStreamingDataset, build_dataloader, images_to_float
-    from dip_scale.data.synthetic import SYNTHETIC_CLASSES, synthetic_image, write_synthetic_shards
+    from dip_scale.data.synthetic import SYNTHETIC_CLASSES, synthetic_image
 
 _EXPORTS = {
     "adm_center_crop": "dip_scale.data.adm_crop",
@@ -31,7 +31,6 @@ _EXPORTS = {
     "images_to_float": "dip_scale.data.streaming",
     "SYNTHETIC_CLASSES": "dip_scale.data.synthetic",
     "synthetic_image": "dip_scale.data.synthetic",
-    "write_synthetic_shards": "dip_scale.data.synthetic",
 }
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -43,7 +42,6 @@ __all__ = [
     "job_cache_dir",
     "read_dataset_info",
     "synthetic_image",
-    "write_synthetic_shards",
 ]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dip_scale.data.storage import Folder
+from dip_scale.storage import open_store
 
 DATASET_FORMAT = "dip_scale.mds/1"
 INDEX_FILE = "index.json"
@@ -60,7 +60,7 @@ def read_dataset_info(url: str) -> dict[str, Any]:
     Keys: format, num_samples, num_skipped, num_classes, class_names, synsets (ImageNet, else None),
     class_counts, resolution, encoding, jpeg_quality, compression, num_shards, bytes, source.
     """
-    folder = Folder(url)
+    folder = open_store(url)
     try:
         info = folder.read_json(DATASET_INFO_FILE)
     except FileNotFoundError:

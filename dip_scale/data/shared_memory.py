@@ -24,6 +24,8 @@ import os
 import socket
 from collections.abc import Iterable
 
+from dip_scale.storage import atomic_write
+
 SHM_ROOT = "/dev/shm"
 OWNER_FILE = ".streaming-owner.json"
 
@@ -61,11 +63,7 @@ def record_owner(local_dirs: Iterable[str], prefix: int) -> None:
     """Record that this process owns Streaming prefix `prefix`, registered for `local_dirs`."""
     record = {"prefix": prefix, "host": _host(), "pid": os.getpid(), "start": _start_time(os.getpid())}
     for directory in local_dirs:
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f"{OWNER_FILE}.{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(record, file)
-        os.replace(temporary, os.path.join(directory, OWNER_FILE))
+        atomic_write(os.path.join(directory, OWNER_FILE), json.dumps(record))
 
 
 def _owner_gone(record: dict) -> bool:

@@ -20,7 +20,9 @@ gives float32 in [-1, 1] for CPU use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -29,9 +31,14 @@ from PIL import Image
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
+from dip_scale.data.guard import DataStoreUnavailable, GuardedDataLoader, stop_batch
 from dip_scale.data.job_cache import job_cache_dir
-from dip_scale.data.layout import IMAGE_COLUMN, LABEL_COLUMN, read_dataset_info
+from dip_scale.data.layout import DATASET_INFO_FILE, IMAGE_COLUMN, LABEL_COLUMN, read_dataset_info
 from dip_scale.data.shared_memory import clean_stale_shared_memory, record_owner
+from dip_scale.storage import is_remote
+from dip_scale.storage.s3 import _translate
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = ("uint8", "float")
 STREAM_KEYS = ("remote", "local", "proportion", "repeat", "choose")
@@ -62,6 +69,67 @@ def _to_chw_uint8(image: Any, sample_id: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Downloads: retried loudly, stopped on request
+# ----------------------------------------------------------------------------------------------------
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every download of this process to give up at its next retry (a preemption signal: the trainer will
+    checkpoint and exit, waiting for a shard would only delay that)."""
+    _STOP.set()
+
+
+class DiPStream(Stream):
+    """A Streaming stream whose shard downloads retry with backoff and say so loudly (the shard and the store),
+    give up with DataStoreUnavailable after `download_retry` retries, and give up at once after request_stop().
+    Streaming's own retry is silent and, when it gives up in a background thread, leaves the loader waiting
+    (see data/guard.py)."""
+
+    def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+        remote = os.path.join(self.remote, self.split, from_basename) if self.remote else None
+        local = os.path.join(self.local, self.split, to_basename or from_basename)
+        delay, attempts = 1.0, self.download_retry + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                self._downloader.download(remote, local, self.download_timeout)
+                if attempt > 1:
+                    log.warning("DATA: %s downloaded after %d attempts; training goes on", remote, attempt)
+                return local
+            except FileNotFoundError:
+                raise  # a local stream without the file: nothing to retry
+            except Exception as err:  # noqa: BLE001  (botocore's, Streaming's, the network's)
+                self._downloader.clean_up()
+                final = _translate(err, "download", remote or local)
+                if isinstance(final, (FileNotFoundError, PermissionError)):
+                    raise final from err  # a missing shard or no permission: retrying cannot help
+                if attempt == attempts or _STOP.is_set():
+                    why = "a stop was requested" if _STOP.is_set() else f"{attempts} attempts failed"
+                    raise DataStoreUnavailable(f"cannot download {remote} ({why}; last error "
+                                               f"{type(err).__name__}: {err})") from err
+                log.error("DATA STORE UNREACHABLE: downloading %s failed (%s: %s); retry %d of %d in %.0f s",
+                          remote, type(err).__name__, err, attempt, attempts - 1, delay)
+                if _STOP.wait(delay):
+                    raise DataStoreUnavailable(f"cannot download {remote} (a stop was requested)") from err
+                delay = min(2 * delay, 30.0)
+        raise AssertionError("unreachable")
+
+
+def _dataset_info(remote: str | None, local: str) -> dict[str, Any]:
+    """dataset.json of a stream: read where it lies (a local folder, s3://), or, for the other schemes Streaming
+    reads (gs://, oci://, azure://, hf://, ...), downloaded by Streaming's own downloader into the cache."""
+    if not remote or "://" not in remote or is_remote(remote):
+        return read_dataset_info(remote or local)
+    from streaming.base.storage import download_file
+
+    path = os.path.join(local, DATASET_INFO_FILE)
+    if not os.path.isfile(path):
+        download_file(f"{remote.rstrip('/')}/{DATASET_INFO_FILE}", path, 60)
+    return read_dataset_info(local)
+
+
 class DiPStreamingDataset(StreamingDataset):
     """(image, label) or (image, label, sample_index) from one or several dip-prep datasets.
 
@@ -76,13 +144,16 @@ class DiPStreamingDataset(StreamingDataset):
         output: "uint8" -> (3, H, W) torch.uint8; "float" -> (3, H, W) float32 in [-1, 1].
         return_index: also return the sample's global index in the dataset (stream order, then source order).
         cache_dir: base for the default local folders (see job_cache_dir).
+        download_retry: retries of a failed shard download (with backoff 1, 2, 4, ... 30 s, logged loudly) before
+            it gives up with DataStoreUnavailable; download_timeout: seconds one attempt may take.
         **kwargs: other StreamingDataset arguments (predownload, cache_limit, shuffle_algo, epoch_size, ...).
     """
 
     def __init__(self, remote: str | None = None, local: str | None = None,
                  streams: list[dict[str, Any]] | None = None, *, batch_size: int, shuffle: bool = False,
                  shuffle_seed: int = 9176, num_canonical_nodes: int | None = None, output: str = "uint8",
-                 return_index: bool = False, cache_dir: str | None = None, **kwargs: Any) -> None:
+                 return_index: bool = False, cache_dir: str | None = None, download_retry: int = 6,
+                 download_timeout: float = 60.0, **kwargs: Any) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if batch_size <= 0:
@@ -97,7 +168,7 @@ class DiPStreamingDataset(StreamingDataset):
             raise ValueError("`streams` is empty")
 
         resolved = [self._resolve_stream(i, spec, cache_dir) for i, spec in enumerate(streams)]
-        self.infos = [read_dataset_info(spec["remote"] or spec["local"]) for spec in resolved]
+        self.infos = [_dataset_info(spec["remote"], spec["local"]) for spec in resolved]
         self._check_compatible(resolved)
         # Only cache folders of remote streams: Streaming checks no others, and a local dataset may be read-only.
         caches = [spec["local"] for spec in resolved if spec["remote"]]
@@ -105,7 +176,8 @@ class DiPStreamingDataset(StreamingDataset):
 
         self.output = output
         self.return_index = return_index
-        super().__init__(streams=[Stream(**spec) for spec in resolved], batch_size=batch_size, shuffle=shuffle,
+        super().__init__(streams=[DiPStream(**spec, download_retry=download_retry, download_timeout=download_timeout)
+                                  for spec in resolved], batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, **kwargs)
         if self._unique_rank_world.is_local_leader:
             record_owner(caches, self._shm_prefix_int)
@@ -146,8 +218,33 @@ class DiPStreamingDataset(StreamingDataset):
     def num_classes(self) -> int:
         return int(self.infos[0]["num_classes"])
 
+    def on_exception(self, future) -> None:
+        """A background download thread ended with an error: note it for the iterating thread (Streaming's own
+        version re-raises it inside the thread pool's callback, where it only prints a traceback)."""
+        error = future.exception()
+        if error is not None:
+            self._background_error = error
+            self._event.set()
+
+    def _background_failure(self, where: str) -> BaseException:
+        error = getattr(self, "_background_error", None)
+        if error is None or isinstance(error, DataStoreUnavailable):
+            return DataStoreUnavailable(f"{where}: {error or 'a background shard download failed'}")
+        return error
+
+    def __iter__(self):
+        yield from super().__iter__()
+        if getattr(self, "_event", None) is not None and self._event.is_set():
+            # Streaming ends the epoch early when a background download failed: never a short epoch.
+            raise self._background_failure("the epoch cannot go on")
+
     def get_item(self, sample_id: int, retry: int = 7) -> tuple:
-        sample = super().get_item(sample_id, retry)
+        try:
+            sample = super().get_item(sample_id, retry)
+        except RuntimeError as err:  # Streaming's "Background thread failed": one of our downloads gave up
+            if "Background thread failed" in str(err):
+                raise self._background_failure(f"sample {sample_id}") from err
+            raise
         image = _to_chw_uint8(sample[IMAGE_COLUMN], sample_id)
         if self.output == "float":
             image = images_to_float(image)
@@ -160,15 +257,23 @@ def build_dataloader(remote: str | None = None, local: str | None = None,
                      shuffle: bool = False, shuffle_seed: int = 9176, num_canonical_nodes: int | None = None,
                      output: str = "uint8", return_index: bool = False, drop_last: bool = True,
                      pin_memory: bool | None = None, prefetch_factor: int = 2, persistent_workers: bool = True,
-                     cache_dir: str | None = None, **dataset_kwargs: Any) -> DataLoader:
-    """A plain DataLoader around a DiPStreamingDataset (Composer checkpoints the dataset's position).
+                     cache_dir: str | None = None, stall_timeout: float | None = None,
+                     **dataset_kwargs: Any) -> DataLoader:
+    """A DataLoader around a DiPStreamingDataset (Composer checkpoints the dataset's position).
 
-    `batch_size` is per device. `pin_memory` defaults to whether CUDA is available.
+    `batch_size` is per device. `pin_memory` defaults to whether CUDA is available. With `stall_timeout` (and
+    return_index), a GuardedDataLoader (data/guard.py): no wait for a batch longer than that many seconds.
     """
     dataset = DiPStreamingDataset(remote, local, streams, batch_size=batch_size, shuffle=shuffle,
                                   shuffle_seed=shuffle_seed, num_canonical_nodes=num_canonical_nodes, output=output,
                                   return_index=return_index, cache_dir=cache_dir, **dataset_kwargs)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                      persistent_workers=persistent_workers and num_workers > 0)
+    options = dict(batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
+                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                   prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                   persistent_workers=persistent_workers and num_workers > 0)
+    if stall_timeout is None:
+        return DataLoader(dataset, **options)
+    if not return_index:
+        raise ValueError("a guarded loader marks stop batches by their sample ids: it needs return_index=True")
+    size = (dataset.resolution, dataset.resolution)
+    return GuardedDataLoader(dataset, stall_timeout=stall_timeout, stop_batch=stop_batch(batch_size, size), **options)

@@ -12,19 +12,16 @@ Used by the demo, the tests and the CPU reproduction. What it must offer, and ho
 
     image, label = synthetic_image(index=7, resolution=64, seed=0)   # (64, 64, 3) uint8, 7
     SYNTHETIC_CLASSES[label]                                         # 'zigzag'
+
+Written as MDS shards by `dip-prep write synthetic` (data_prep.synthetic.write_synthetic_shards).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from data_prep.write import WriteSummary
-
 
 # ---------------------------------------------------------------------------------------------------
 # Textures. Each maps rotated, centred pixel coordinates (u, v), the period and a random generator to a
@@ -161,37 +158,3 @@ def synthetic_image(index: int, resolution: int, seed: int = 0) -> tuple[np.ndar
     ramp = (np.cos(ramp_angle) * xs + np.sin(ramp_angle) * ys) / resolution  # in [-0.71, 0.71]
     image = image * (1.0 + 0.17 * ramp[..., None])
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shards
-# ---------------------------------------------------------------------------------------------------
-
-def write_synthetic_shards(
-    out: str,
-    num_images: int,
-    resolution: int,
-    seed: int = 0,
-    encoding: str = "png",
-    *,
-    jpeg_quality: int = 95,
-    compression: str | None = None,
-    chunk_size: int = 256,
-    num_workers: int = 1,
-    progress: bool = False,
-) -> WriteSummary:
-    """Write `num_images` synthetic images as a merged MDS dataset at `out` (a folder or s3:// URL).
-
-    The same code path as `dip-prep write synthetic`; rerunning it into the same `out` resumes. With
-    num_workers > 1 the caller's main module must be import-safe (`if __name__ == "__main__":`), as for
-    any multiprocessing.
-    """
-    # The writer belongs to the dip-prep package, which itself imports this module for its synthetic
-    # source; importing it here, at call time, keeps `dip_scale.data` free of an import cycle.
-    from data_prep.sources import SyntheticSource
-    from data_prep.write import WriteOptions, write_dataset
-
-    options = WriteOptions(resolution=resolution, encoding=encoding, jpeg_quality=jpeg_quality,
-                           compression=compression, chunk_size=chunk_size, num_workers=num_workers,
-                           progress=progress)
-    return write_dataset(SyntheticSource(num_images=num_images, seed=seed), out, options)

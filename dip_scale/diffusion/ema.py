@@ -12,7 +12,7 @@ with the parameters, DeepSpeed partitions it), and sampling simply calls it.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -194,7 +194,7 @@ def default_encoder_path() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", DINOV2_VITB14_FILE)
 
 
-def _missing_weights_message(path: str, explicit: bool) -> str:
+def missing_weights_message(path: str, explicit: bool) -> str:
     where = "the given path" if explicit else "the torch hub cache"
     return (
         f"REPA needs the frozen DINOv2 ViT-B/14 weights, the official file {DINOV2_VITB14_FILE} (about 346 MB), "
@@ -218,7 +218,7 @@ def load_repa_encoder(path: str | None = None, *, embed_dim: int = 768, depth: i
     """
     file = path if path is not None else default_encoder_path()
     if not os.path.isfile(file):
-        raise FileNotFoundError(_missing_weights_message(file, explicit=path is not None))
+        raise FileNotFoundError(missing_weights_message(file, explicit=path is not None))
     state_dict = torch.load(file, map_location="cpu", weights_only=True)
     # Built on the meta device and filled by assignment: no time is spent initialising weights that the
     # file replaces, and strict=True still checks every name and shape.

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ METHODS = ("euler", "heun")
 
 @dataclass
 class SamplerConfig:
+    """How samples are drawn: the one settings type of the recipe's `sampler:` section, dip-sample, dip-eval
+    and the scheduled evaluation. Flags on top of a recipe's settings: `settings.merged(steps=..., ...)`."""
+
     steps: int = 100
     """Number of uniform steps from t = 0 to t = 1."""
     method: str = "euler"
@@ -43,13 +47,20 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"sampler.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.steps < 1:
-            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
-        lo, hi = self.guidance_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {self.guidance_interval}")
-        self.guidance_interval = (float(lo), float(hi))
+            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
+        interval = tuple(float(v) for v in self.guidance_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"sampler.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got "
+                             f"{list(self.guidance_interval)}")
+        self.guidance_interval = interval
+
+    def merged(self, **flags) -> SamplerConfig:
+        """These settings with every flag that is not None on top (and checked)."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
 
     def guided(self, t: float) -> bool:
         lo, hi = self.guidance_interval

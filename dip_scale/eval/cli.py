@@ -37,7 +37,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dip_scale.diffusion.sampler import METHODS, SamplerConfig
+from dip_scale.checkpoint import load_model
+from dip_scale.eval.evaluate import EvalSettings, evaluate_model
+from dip_scale.eval.flags import add_sampler_flags, sampler_from_flags
+from dip_scale.eval.generate import check_num_samples, world
+from dip_scale.eval.inception import InceptionFeatures
+from dip_scale.eval.results import (
+    append_to_run,
+    default_json_path,
+    log_wandb,
+    make_record,
+    save_samples_npz,
+    write_json,
+)
+from dip_scale.eval.stats import load_reference, read_npz_reference
+from dip_scale.storage import StoreUnavailable
 
 log = logging.getLogger("dip_scale.eval")
 
@@ -62,12 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on a GPU, fp32 on CPU (default: auto)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for large N)")
     g.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK when a GPU is visible, else cpu")
-    g = p.add_argument_group("sampler (default: the recipe's, from the checkpoint)")
-    g.add_argument("--steps", type=int, default=None, help="uniform ODE steps")
-    g.add_argument("--method", choices=METHODS, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (1 = no guidance)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="apply CFG while LO <= t <= HI")
+    add_sampler_flags(p.add_argument_group("sampler (default: the recipe's, from the checkpoint)"))
     g = p.add_argument_group("Inception and reference statistics")
     g.add_argument("--inception-weights", default=None,
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
@@ -76,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per Inception forward for reference statistics (default: 100)")
     g.add_argument("--num-workers", type=int, default=4, help="image decoding workers for reference statistics")
     g.add_argument("--cache-dir", default=None,
-                   help="for s3:// references and read-only data folders (default: $DIP_CACHE or ~/.cache/dip_scale)")
+                   help="for s3:// references and checkpoints, and read-only data folders (default: "
+                        "$DIP_CACHE_DIR/eval, else ~/.cache/dip_scale)")
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=None, help="results JSON (default: <checkpoint>.eval-n<N>.json next to the "
                                                "checkpoint folder; s3:// checkpoints get it in the bucket)")
@@ -87,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the samples as an ADM-compatible .npz (arr_0 uint8 NHWC, arr_1 labels)")
     g.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT"),
                    help="log to wandb (default: $WANDB_PROJECT; unset = no wandb)")
-    g.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"))
+    g.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"), help="wandb entity (default: "
+                   "$WANDB_ENTITY, else the account's default)")
+    g.add_argument("--wandb-group", default=os.environ.get("WANDB_RUN_GROUP"),
+                   help="wandb group: the training run's name puts the evaluation next to it "
+                        "(default: $WANDB_RUN_GROUP)")
     g.add_argument("--wandb-run-id", default=os.environ.get("WANDB_RUN_ID"),
-                   help="add the values to this (training) run instead of a new one")
+                   help="id of this evaluation's wandb run; the same id again continues it (default: a new run)")
     g.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
-                   default=os.environ.get("WANDB_MODE") or "offline")
+                   default=os.environ.get("WANDB_MODE") or "offline", help="default: $WANDB_MODE, else offline")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -131,29 +145,12 @@ def check_inputs(args) -> None:
         raise FileNotFoundError(f"reference {ref} does not exist; expected an ADM reference .npz, a folder of "
                                 f"MDS shards, an s3:// URL or an image folder")
     if ref.endswith(".npz") and not ref.startswith("s3://"):
-        from dip_scale.eval.stats import read_npz_reference
-
         read_npz_reference(ref, load_images=False)  # wrong keys or shapes fail before the model is loaded
     if args.num_samples <= 0 or args.batch_size <= 0:
         raise ValueError(f"--num-samples and --batch-size must be positive, got {args.num_samples} and "
                          f"{args.batch_size}")
     if args.save_npz and not args.save_npz.endswith(".npz"):
         raise ValueError(f"--save-npz must name a .npz file, got {args.save_npz}")
-
-
-def sampler_config(args, recipe: dict | None) -> SamplerConfig:
-    """The recipe's sampler settings (from the checkpoint) with the flags given on top."""
-    base = dict(recipe or {})
-    for key in ("steps", "method", "guidance_scale", "guidance_interval"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
-    if "guidance_interval" in base:
-        base["guidance_interval"] = tuple(base["guidance_interval"])
-    unknown = sorted(set(base) - {"steps", "method", "guidance_scale", "guidance_interval"})
-    if unknown:
-        raise ValueError(f"the checkpoint's sampler settings hold unknown keys {unknown}")
-    return SamplerConfig(**base)
 
 
 def checkpoint_location(given: str, source: str | None) -> str:
@@ -199,13 +196,6 @@ def summary(record: dict) -> str:
 
 
 def run(args) -> dict | None:
-    from dip_scale.eval.evaluate import EvalSettings, evaluate_model
-    from dip_scale.eval.generate import check_num_samples, world
-    from dip_scale.eval.inception import InceptionFeatures
-    from dip_scale.eval.results import (append_to_run, default_json_path, log_wandb, make_record,
-                                        save_samples_npz, write_json)
-    from dip_scale.eval.stats import load_reference
-
     t0 = time.perf_counter()
     check_inputs(args)
     device = init_distributed() or (torch.device(args.device) if args.device else default_device())
@@ -214,11 +204,10 @@ def run(args) -> dict | None:
 
     inception = InceptionFeatures(args.inception_weights).to(device)  # fails early when the weights are missing
 
-    from dip_scale.inference import load_model
-
-    model, info = load_model(args.checkpoint, official=args.official, trust_checkpoint=args.trust_checkpoint)
+    model, info = load_model(args.checkpoint, official=args.official, trust=args.trust_checkpoint,
+                             cache_dir=args.cache_dir)
     model.to(device)
-    sampler = sampler_config(args, info.get("sampler"))
+    sampler = sampler_from_flags(info["sampler"], args)
     settings = EvalSettings(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
                             sampler=sampler, precision=args.precision, compile_model=args.compile,
                             keep_images=bool(args.save_npz))
@@ -246,7 +235,7 @@ def run(args) -> dict | None:
         record["run_table"] = str(append_to_run(run_dir, record) / "results.csv")
     if args.wandb_project:
         record["wandb_run"] = log_wandb(record, project=args.wandb_project, entity=args.wandb_entity,
-                                        run_id=args.wandb_run_id, mode=args.wandb_mode,
+                                        group=args.wandb_group, run_id=args.wandb_run_id, mode=args.wandb_mode,
                                         directory=run_dir or Path.cwd())
     print(summary(record))
     print(f"  results: {record['json']}" + (f", {record['run_table']}" if "run_table" in record else ""))
@@ -259,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, PermissionError) as err:
         parser.exit(2, f"dip-eval: error: {err}\n")
+    except StoreUnavailable as err:  # try again later (a Slurm job script requeues on 75)
+        parser.exit(75, f"dip-eval: error: {err}\n")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -14,8 +14,8 @@ and dropped), so a compiled model sees a single shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -99,15 +99,13 @@ def default_autocast(device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def sample_batch(net: nn.Module, start: int, batch_size: int, *, num_classes: int, seed: int,
-                 sampler: SamplerConfig, image_size: tuple[int, int], device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global batch of samples start .. start + batch_size - 1: (labels (B,), uint8 images (B, H, W, 3))."""
-    indices = range(start, start + batch_size)
+def sample_images(net: nn.Module, indices: Sequence[int], labels: torch.Tensor, *, seed: int, sampler: SamplerConfig,
+                  image_size: tuple[int, int], device: torch.device, autocast_dtype: torch.dtype | None,
+                  null_class: int) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) of the samples `indices` (the noise of (seed, index)) with class `labels` (B,)."""
     noise = sample_noise(indices, (3, *image_size), seed, device)  # (B, 3, H, W)
-    labels = class_labels(indices, num_classes).to(device)  # (B,)
-    x = sample(net, noise, labels, sampler, null_class=num_classes, autocast_dtype=autocast_dtype)
-    return labels, to_uint8(x)
+    x = sample(net, noise, labels.to(device), sampler, null_class=null_class, autocast_dtype=autocast_dtype)
+    return to_uint8(x)
 
 
 @torch.no_grad()
@@ -132,9 +130,10 @@ def generate(model: nn.Module, *, num_samples: int, seed: int, sampler: SamplerC
     with bar:
         for start, end in plan.batches(rank):
             # a short last batch is filled up with indices >= N (computed, dropped): one shape throughout
-            labels, images = sample_batch(net, start, batch_size, num_classes=num_classes, seed=seed,
-                                          sampler=sampler, image_size=tuple(image_size), device=device,
-                                          autocast_dtype=autocast_dtype)
+            indices = range(start, start + batch_size)
+            labels = class_labels(indices, num_classes)
+            images = sample_images(net, indices, labels, seed=seed, sampler=sampler, image_size=tuple(image_size),
+                                   device=device, autocast_dtype=autocast_dtype, null_class=num_classes)
             n = end - start
             bar.update(n)
             yield Batch(torch.arange(start, end), labels[:n].cpu(), images[:n])

@@ -17,12 +17,12 @@ import fcntl
 import io
 import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from dip_scale.storage import atomic_write, open_parent
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 COLUMNS = ("step", "num_samples", *METRICS, "steps", "method", "guidance_scale", "guidance_interval", "seed",
@@ -54,7 +54,7 @@ def make_record(*, metrics: dict, settings: dict, step: int | None, checkpoint: 
         "wall_time_s": round(wall_time_s, 3),
         "generation_s": round(generation_s, 3),
         "images_per_s": round(images_per_s, 4),
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -67,31 +67,10 @@ def default_json_path(checkpoint: str, num_samples: int) -> str:
     return f"{str(checkpoint).rstrip('/')}.eval-n{num_samples}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(target: str, record: dict) -> str:
     """Write the record to a local path or an s3:// URL (S3_ENDPOINT_URL for S3-compatible stores)."""
-    data = (json.dumps(record, indent=2, sort_keys=False) + "\n").encode()
-    if str(target).startswith("s3://"):
-        import boto3
-
-        bucket, _, key = str(target)[5:].partition("/")
-        if not bucket or not key:
-            raise ValueError(f"expected s3://bucket/key for the results JSON, got {target!r}")
-        boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None).put_object(
-            Bucket=bucket, Key=key, Body=data, ContentType="application/json")
-    else:
-        _atomic_write(Path(target), data)
+    store, name = open_parent(str(target))
+    store.write_bytes(name, (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
     return str(target)
 
 
@@ -104,7 +83,7 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -
         raise ValueError(f"the samples file must end in .npz, got {path}")
     buf = io.BytesIO()
     np.savez(buf, arr_0=images, arr_1=labels.astype(np.int64))
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -165,8 +144,8 @@ def append_to_run(run_dir: str | Path, record: dict) -> Path:
         writer = csv.DictWriter(buf, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(folder / "results.csv", buf.getvalue().encode())
-        _atomic_write(folder / "results.md", markdown_table(rows).encode())
+        atomic_write(folder / "results.csv", buf.getvalue().encode())
+        atomic_write(folder / "results.md", markdown_table(rows).encode())
         plot_fid(rows, folder / "fid_vs_step.png")
     return folder
 
@@ -214,7 +193,7 @@ def plot_fid(rows: list[dict], path: Path) -> None:
         ax.text(0.5, 0.5, "no FID values yet", ha="center", va="center", transform=ax.transAxes)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,17 +201,18 @@ def plot_fid(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def log_wandb(record: dict, *, project: str, entity: str | None = None, run_id: str | None = None,
-              mode: str = "offline", directory: str | Path | None = None) -> str:
-    """Log the metrics at the checkpoint's training step; returns the wandb run id.
+def log_wandb(record: dict, *, project: str, entity: str | None = None, group: str | None = None,
+              run_id: str | None = None, mode: str = "offline", directory: str | Path | None = None) -> str:
+    """Log the metrics at the checkpoint's training step into a wandb run of job type "eval"; returns its id.
 
-    With run_id set, the values join that (training) run. They are logged against their own step axis,
-    eval/step, because wandb drops rows whose built-in step is behind the run's, which an evaluation that
-    finishes after training moved on would be."""
+    With `group` (the training run's name) the run sits next to the training run in wandb's group view; with
+    `run_id` a rerun of the same evaluation (a requeued job) continues the same wandb run. The values go
+    against their own step axis, eval/step, so that plots put them at the checkpoint's step."""
     import wandb
 
-    run = wandb.init(project=project, entity=entity, id=run_id, resume="allow" if run_id else None, mode=mode,
-                     dir=str(directory) if directory else None, job_type="eval")
+    run = wandb.init(project=project, entity=entity, group=group, id=run_id, resume="allow" if run_id else None,
+                     mode=mode, dir=str(directory) if directory else None, job_type="eval",
+                     name=f"{group}-eval-step{record['step']}" if group else None)
     try:
         run.define_metric("eval/step")
         run.define_metric("eval/*", step_metric="eval/step")

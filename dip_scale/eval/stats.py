@@ -10,9 +10,16 @@ A reference is `ReferenceStats`: mu/sigma of the 2048-d pool features (FID), mu_
   mu/sigma but with arr_0 (any ADM sample batch) gets its statistics from arr_0, as ADM's evaluator does.
 - Our MDS shards (a folder with index.json, or an s3:// prefix), e.g. the validation split, or a folder
   of same-sized images. All images are used once; the work is spread over the ranks of the job. The result
-  is cached next to the data as `fid_stats-<inception fingerprint>.npz`, a file with the ADM keys that is
-  itself a valid reference: in the data folder (or the cache folder if that is read-only); for s3://
-  shards in the bucket next to them (and locally under the cache folder), so every job shares it.
+  is cached next to the data as `fid_stats-<inception fingerprint>.npz`: in the data folder (or the cache
+  folder if that is read-only); for s3:// shards in the bucket next to them (and locally under the cache
+  folder), so every job shares it.
+
+The cached file is an ADM reference batch, which the ADM evaluator accepts as --ref_batch: `arr_0` (uint8
+NHWC, the up to 10,000 evenly spaced images whose features serve precision/recall), `mu`/`sigma` of all the
+images' pool features, `mu_s`/`sigma_s` of their spatial features. It adds `pool_features` (of the arr_0
+images), `num_images` and `fingerprint` (of the Inception weights), which the ADM evaluator ignores. Its
+statistics are of our Inception (torch-fidelity's port of the TF graph): with the real weights they are the
+ADM evaluator's own up to float rounding; with other weights they are not comparable with published numbers.
 
     ref = load_reference("VIRTUAL_imagenet256_labeled.npz", inception)   # on rank 0; None elsewhere
 """
@@ -20,9 +27,9 @@ A reference is `ReferenceStats`: mu/sigma of the 2048-d pool features (FID), mu_
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +42,7 @@ from tqdm.auto import tqdm
 
 from dip_scale.eval.generate import broadcast_object, gather_rows, world
 from dip_scale.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures
+from dip_scale.storage import NotFound, StoreUnavailable, atomic_write, open_parent
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +61,22 @@ class ReferenceStats:
     pool: np.ndarray | None = None  # (K, 2048) float32, for precision/recall
     num_images: int | None = None
     source: str = ""
+    images: np.ndarray | None = None  # (K, H, W, 3) uint8: the images of `pool`, ADM's arr_0
 
     def save(self, path: str | Path, fingerprint: str) -> None:
-        """Atomic write of an ADM-style .npz (mu, sigma, mu_s, sigma_s) plus our pool features."""
+        """Atomic write of an ADM reference batch (arr_0, mu, sigma, mu_s, sigma_s) plus our pool features."""
         path = Path(path)
         arrays = {"mu": self.mu, "sigma": self.sigma, "fingerprint": np.array(fingerprint),
                   "num_images": np.array(self.num_images if self.num_images is not None else -1)}
+        if self.images is not None:
+            arrays["arr_0"] = self.images
         if self.mu_s is not None:
             arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
         if self.pool is not None:
             arrays["pool_features"] = self.pool
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,8 +215,10 @@ def pr_indices(num_images: int, size: int = PR_REFERENCE_SIZE) -> np.ndarray:
 @torch.no_grad()
 def image_stats(source: ImageSource, inception: InceptionFeatures, *, batch_size: int = 100,
                 num_workers: int = 0, pr_size: int = PR_REFERENCE_SIZE, name: str = "",
-                progress: bool = True, collective: bool = True) -> ReferenceStats | None:
-    """Statistics of every image of `source`, each image once; rank r takes a contiguous slice.
+                progress: bool = True, collective: bool = True,
+                keep_images: bool = True) -> ReferenceStats | None:
+    """Statistics of every image of `source`, each image once; rank r takes a contiguous slice. With
+    keep_images, the precision/recall images themselves come back too (ADM's arr_0).
 
     Collective (unless collective=False, which makes one process do it all): call on every rank.
     Returns the statistics on rank 0, None on the others."""
@@ -223,6 +231,7 @@ def image_stats(source: ImageSource, inception: InceptionFeatures, *, batch_size
     device = inception.device
     pool, spatial = Moments(POOL_DIM, device), Moments(SPATIAL_DIM, device)
     kept: list[torch.Tensor] = []
+    kept_images: list[torch.Tensor] = []
     loader = DataLoader(_Indexed(source, mine), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     desc = f"reference features ({name})" if world_size == 1 else f"reference features ({name}, rank 0 of {world_size})"
@@ -231,26 +240,36 @@ def image_stats(source: ImageSource, inception: InceptionFeatures, *, batch_size
         size = size or tuple(images.shape[1:])
         if tuple(images.shape[1:]) != size:
             raise ValueError(f"images of one reference set must share a size (crop them first, e.g. with "
-                             f"dip-prep); {name}: found {tuple(images.shape[1:])} at index {int(idx[0])}, {size} before")
+                             f"dip-prep); {name}: found {tuple(images.shape[1:])} at index {int(idx[0])}, "
+                             f"{size} before")
         f = inception(images)
         pool.add(f["pool"])
         spatial.add(f["spatial"])
         sel = torch.from_numpy(np.isin(idx.numpy(), keep))
         kept.append(f["pool"][sel.to(f["pool"].device)].cpu())
+        if keep_images:
+            kept_images.append(images[sel].permute(0, 2, 3, 1).contiguous())  # (k, H, W, 3) uint8
     local = torch.cat(kept) if kept else torch.zeros(0, POOL_DIM)
+    local_images = torch.cat(kept_images) if kept_images else None
     if world_size > 1:
         pool.all_reduce()
         spatial.all_reduce()
         counts = [int(np.sum((keep >= r * n // world_size) & (keep < (r + 1) * n // world_size)))
                   for r in range(world_size)]
         pr = gather_rows(local, counts)
+        if keep_images:
+            shape = broadcast_object(tuple(size) if size else None)
+            if local_images is None:
+                local_images = torch.zeros((0, shape[1], shape[2], shape[0]), dtype=torch.uint8)
+            pr_images = gather_rows(local_images, counts)
     else:
-        pr = local
+        pr, pr_images = local, local_images
     if rank != 0:
         return None
     mu, sigma = pool.mean_cov()
     mu_s, sigma_s = spatial.mean_cov()
-    return ReferenceStats(mu, sigma, mu_s, sigma_s, pr.numpy(), num_images=pool.n, source=name)
+    return ReferenceStats(mu, sigma, mu_s, sigma_s, pr.numpy(), num_images=pool.n, source=name,
+                          images=pr_images.numpy() if keep_images and pr_images is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,7 +312,8 @@ def read_npz_reference(path: str | Path, load_images: bool = True) -> tuple[dict
         if "pool_features" in keys:
             p = npz["pool_features"]
             if p.ndim != 2 or p.shape[1] != POOL_DIM:
-                raise ValueError(f"reference file {path}: 'pool_features' has shape {p.shape}, expected (K, {POOL_DIM})")
+                raise ValueError(f"reference file {path}: 'pool_features' has shape {p.shape}, expected "
+                                 f"(K, {POOL_DIM})")
             arrays["pool_features"] = p.astype(np.float32)
         if "num_images" in keys:
             arrays["num_images"] = npz["num_images"]
@@ -335,7 +355,8 @@ def npz_reference(path: str | Path, inception: InceptionFeatures, *, cache_dir: 
             computed, _ = read_npz_reference(cached)
         else:
             stats = image_stats(ArrayImages(images, f"{path.name}:arr_0"), inception, batch_size=batch_size,
-                                pr_size=len(images), name=path.name, progress=progress, collective=False)
+                                pr_size=len(images), name=path.name, progress=progress, collective=False,
+                                keep_images=False)
             computed = {"mu": stats.mu, "sigma": stats.sigma, "mu_s": stats.mu_s, "sigma_s": stats.sigma_s,
                         "pool_features": stats.pool}
             if cached is not None:
@@ -344,10 +365,8 @@ def npz_reference(path: str | Path, inception: InceptionFeatures, *, cache_dir: 
         pool = computed["pool_features"]
         for key in _EXPECTED:  # the file's own statistics win; computed ones only fill gaps
             arrays.setdefault(key, computed[key])
-    if images is not None:
-        n = len(images)
-    else:
-        n = int(arrays["num_images"]) if "num_images" in arrays else -1
+    # Our cached files say how many images their statistics cover (arr_0 holds a subset); ADM's batches do not.
+    n = int(arrays["num_images"]) if "num_images" in arrays else len(images) if images is not None else -1
     return ReferenceStats(arrays["mu"], arrays["sigma"], arrays.get("mu_s"), arrays.get("sigma_s"), pool,
                           num_images=n if n >= 0 else None, source=str(path))
 
@@ -358,34 +377,18 @@ def npz_reference(path: str | Path, inception: InceptionFeatures, *, cache_dir: 
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DIP_CACHE", Path.home() / ".cache" / "dip_scale"))
+    """$DIP_CACHE_DIR/eval when set (one variable for every cache of ours), else ~/.cache/dip_scale."""
+    base = os.environ.get("DIP_CACHE_DIR")
+    return Path(base) / "eval" if base else Path.home() / ".cache" / "dip_scale"
 
 
-def _s3_client():
-    import boto3
-
-    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
-
-
-def _split(url: str) -> tuple[str, str]:
-    bucket, _, key = url[5:].partition("/")
-    return bucket, key
-
-
-def _s3_download(url: str, dest: Path) -> bool:
-    """Fetch url to dest (atomically); False when there is no such object."""
-    from botocore.exceptions import ClientError
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+def _download(url: str, dest: Path) -> bool:
+    """Fetch the file at url (s3:// or local) to dest, atomically; False when there is no such file."""
+    store, name = open_parent(url)
     try:
-        _s3_client().download_file(*_split(url), str(tmp))
-    except ClientError as err:
-        tmp.unlink(missing_ok=True)
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-    os.replace(tmp, dest)
+        store.download(name, dest)
+    except NotFound:
+        return False
     return True
 
 
@@ -420,7 +423,7 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
     if spec.endswith(".npz"):
         def load_npz():
             path = local_copy / Path(spec).name if remote else Path(spec)
-            if remote and not path.is_file() and not _s3_download(spec, path):
+            if remote and not path.is_file() and not _download(spec, path):
                 raise FileNotFoundError(f"reference {spec} does not exist")
             return npz_reference(path, inception, cache_dir=cache_dir, batch_size=batch_size, progress=progress)
 
@@ -447,7 +450,7 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
             return None, None
         path = where / cache_name
         if not path.is_file() and remote_cache:
-            _s3_download(remote_cache, path)
+            _download(remote_cache, path)
         if path.is_file():
             stats = npz_reference(path, inception)
             if stats.num_images == len(source):
@@ -469,7 +472,8 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
             log.info("cached the reference statistics of %s in %s", spec, where / cache_name)
             if remote_cache:
                 try:
-                    _s3_client().upload_file(str(where / cache_name), *_split(remote_cache))
-                except Exception as err:  # a read-only bucket only costs the next job the same computation
+                    store, name = open_parent(remote_cache)
+                    store.upload(where / cache_name, name)
+                except (OSError, StoreUnavailable) as err:  # a read-only bucket: the next job computes them again
                     log.warning("could not store the statistics next to the shards at %s: %s", remote_cache, err)
     return stats

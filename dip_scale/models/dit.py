@@ -119,7 +119,8 @@ def rope_angles(grid: tuple[int, int], head_dim: int, theta: float = 10000.0, de
     Positions are scaled to [0, 16] along each axis whatever the grid size; complex pair m of a head vector
     turns by x * f_{m/2} for even m and y * f_{(m-1)/2} for odd m, f_j = theta^(-4j/d)."""
     h, w = grid
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim)
+    exponents = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim
+    freqs = 1.0 / theta ** exponents
     xs = torch.linspace(0, 16, w, dtype=torch.float32, device=device)
     ys = torch.linspace(0, 16, h, dtype=torch.float32, device=device)
     col = xs.repeat(h)  # (N,) token k sits at column k % w

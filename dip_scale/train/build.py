@@ -4,6 +4,7 @@ and the Composer Trainer that runs them."""
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,25 +12,28 @@ import torch
 from composer import Trainer
 from composer.utils import dist
 
+from dip_scale.checkpoint import fetch_checkpoint, resume_candidates
+from dip_scale.data.streaming import build_dataloader as build
 from dip_scale.diffusion.ema import local_tensors
 from dip_scale.diffusion.flow import FlowMatching
+from dip_scale.diffusion.repa import REPA, load_repa_encoder
 from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.models.dip import build_model
+from dip_scale.recipe import ConfigError, Recipe, check_world_size, model_config, stall_timeout, to_yaml
+from dip_scale.storage import StoreUnavailable, atomic_write, is_remote, open_store
 from dip_scale.train import parallel
 from dip_scale.train.callbacks.checkpoint import CheckpointSaver
 from dip_scale.train.callbacks.ema import EMAUpdate
 from dip_scale.train.callbacks.epoch_seed import EpochSeed
+from dip_scale.train.callbacks.fid_eval import ScheduledEval
 from dip_scale.train.callbacks.metrics import TrainMetrics
 from dip_scale.train.callbacks.nonfinite import NonFiniteGuard
 from dip_scale.train.callbacks.preemption import PreemptionCheckpoint
 from dip_scale.train.callbacks.sample_grid import SampleGrid
 from dip_scale.train.callbacks.sample_log import SampleLog
-from dip_scale.train.checkpoints import fetch_checkpoint, resume_candidates
-from dip_scale.train.config import ConfigError, Recipe, check_world_size, model_config, to_yaml
 from dip_scale.train.loggers import wandb_logger
 from dip_scale.train.module import DiPComposerModel
 from dip_scale.train.optim import GuardedAdamW, use_fused_adamw
-from dip_scale.train.storage import StoreUnavailable, is_remote, open_store
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +71,7 @@ def precision(recipe: Recipe, device: str) -> str:
     return "amp_bf16" if p == "bf16" else "fp32"
 
 
-def check_data(recipe: Recipe) -> None:
-    """Fail before building anything when the shards are not where the recipe says."""
-    remotes = [recipe.data.remote] if recipe.data.remote else [s.remote for s in recipe.data.streams or []]
-    for remote in remotes:
-        if remote is None:
-            raise ConfigError("data.streams: every stream needs a remote (s3:// URL or local folder)")
-        if is_remote(remote):
-            if open_store(remote).read_text("index.json") is None:
-                raise ConfigError(f"data.remote {remote}: no index.json there (shard the data with dip-prep first)")
-        elif not (Path(remote) / "index.json").is_file():
-            raise ConfigError(f"data.remote {remote}: no index.json in that folder (shard the data with dip-prep "
-                              "first, e.g. `dip-prep write synthetic --out {remote}`)")
-
-
 def load_repa(recipe: Recipe, hidden_size: int):
-    from dip_scale.diffusion.repa import REPA, load_repa_encoder
-
     r = recipe.objective.repa
     if not r.enabled:
         return None
@@ -95,22 +83,26 @@ def load_repa(recipe: Recipe, hidden_size: int):
 
 
 def build_dataloader(recipe: Recipe, per_rank_batch: int):
-    from dip_scale.data import build_dataloader as build
-
     d = recipe.data
     streams = [dict(remote=s.remote, local=s.local, proportion=s.proportion) for s in d.streams] if d.streams else None
     return build(remote=d.remote, local=d.local, streams=streams, batch_size=per_rank_batch, shuffle=d.shuffle,
                  shuffle_seed=d.shuffle_seed, num_canonical_nodes=d.num_canonical_nodes, num_workers=d.num_workers,
-                 output="uint8", return_index=True)
+                 output="uint8", return_index=True, download_retry=d.download_retry,
+                 download_timeout=d.download_timeout, stall_timeout=stall_timeout(recipe))
 
 
 def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
-    """Newest intact checkpoint, agreed by all ranks; each node fetches it for itself. Raises StoreUnavailable on
-    every rank when the store cannot be reached: better no start than one from scratch."""
+    """The newest checkpoint every node can read, agreed by all ranks; each node fetches it for itself.
+
+    Raises StoreUnavailable on every rank when the store cannot be reached (better no start than one from
+    scratch), and ConfigError when the nodes disagree: a checkpoint that some nodes have and others cannot
+    read means their save folders are not one folder (node-local disks without a remote store), and a
+    start from an older checkpoint, or from scratch, would silently lose training."""
     if not recipe.checkpoint.resume:
         return None
     store = open_store(paths.remote) if paths.remote else None
-    lead = dist.get_local_rank() == 0  # fetches for its node
+    lead = dist.get_local_rank() == 0  # lists and fetches for its node
+    nodes = dist.get_world_size() // dist.get_local_world_size()
 
     def on_every_rank(results: list) -> list:
         # A store that is unreachable for one rank stops them all (instead of leaving the others waiting).
@@ -118,17 +110,18 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
             raise StoreUnavailable(errors[0])
         return results
 
-    candidates, error = [], None
-    if dist.get_global_rank() == 0:
+    seen, error = [], None
+    if lead:
         try:
-            candidates = resume_candidates(paths.local_root, store)
+            seen = resume_candidates(paths.local_root, store if dist.get_global_rank() == 0 else None)
         except StoreUnavailable as err:
             error = str(err)
-    candidates = on_every_rank(dist.all_gather_object((candidates, error)))[0][0]
+    listed = on_every_rank(dist.all_gather_object((lead, dist.get_node_rank(), seen, error)))
+    candidates = sorted({s for is_lead, _, steps, _ in listed if is_lead for s in steps}, reverse=True)
     for step in candidates:
         # Node after node: where the nodes share the folder, the first fetch serves the others.
         path, error = None, None
-        for node in range(dist.get_world_size() // dist.get_local_world_size()):
+        for node in range(nodes):
             if lead and dist.get_node_rank() == node:
                 try:
                     path = fetch_checkpoint(paths.local_root, store, step)
@@ -139,13 +132,20 @@ def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
         fetched = {node: p for is_lead, node, p, _ in gathered if is_lead}  # node -> its own load path
         if all(p is not None for p in fetched.values()):
             return step, fetched[dist.get_node_rank()]
+        if store is None and any(p is not None for p in fetched.values()):
+            have = sorted(n for n, p in fetched.items() if p is not None)
+            lack = sorted(n for n, p in fetched.items() if p is None)
+            raise ConfigError(
+                f"checkpoint.save_folder={recipe.checkpoint.save_folder or 'runs'}: node(s) {have} have the checkpoint "
+                f"of step {step} in {paths.local_root}, node(s) {lack} cannot read it there. The nodes do not share "
+                "this folder (node-local disks?), so resuming would lose training. Use an s3:// save folder or a "
+                "folder on a file system that every node mounts; not starting")
     return None
 
 
 def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     device = device_type(recipe)
     prec = precision(recipe, device)
-    check_data(recipe)
     world = dist.get_world_size()
     per_rank, _ = check_world_size(recipe, world)
     net_config = model_config(recipe)
@@ -156,7 +156,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     net = build_model(net_config)
     flow = FlowMatching(num_classes=net_config.num_classes, label_dropout=recipe.objective.label_dropout)
     model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
-    parallelism = parallel.prepare(model, recipe)
+    parallelism = parallel.prepare(model, recipe, prec)
 
     ds = None
     if recipe.parallelism.strategy == "deepspeed":
@@ -171,12 +171,15 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                  fused=fused)
 
-    if dist.get_global_rank() == 0:
+    if dist.get_local_rank() == 0:  # every node: its folder may be its own (node-local disks)
         paths.local_root.mkdir(parents=True, exist_ok=True)
-        (paths.local_root / "config.yaml").write_text(to_yaml(recipe))
+        atomic_write(paths.local_root / "config.yaml", to_yaml(recipe))
     dist.barrier()
     resume = resolve_resume(recipe, paths)
-    if resume is not None:
+    if resume is not None and resume[0] >= recipe.train.max_steps:
+        log.warning("run %s is already complete at step %d (%s): nothing to train", recipe.run_name, resume[0],
+                    paths.remote or paths.local_root)
+    elif resume is not None:
         log.warning("resuming %s from step %d (%s)", recipe.run_name, resume[0], resume[1])
         if ds is not None:
             ds.load(resume[1])  # weights, EMA and optimizer; Composer's load_path brings the rest
@@ -186,24 +189,25 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
                             keep_last=c.keep_last, milestones=c.milestones, config_yaml=to_yaml(recipe),
                             writer=ds.writer if ds else None)
     image_size = tuple(recipe.data.image_size)
-    s = recipe.sampler
-    sampler = SamplerConfig(steps=s.steps, method=s.method, guidance_scale=s.guidance_scale,
-                            guidance_interval=tuple(s.guidance_interval))
+    sampler = recipe.sampler
+    loader = build_dataloader(recipe, per_rank)
+    preemption = PreemptionCheckpoint(saver)
+    loader.should_stop = preemption.stop_requested  # a signal ends any wait for data
     classes = recipe.logging.sample_classes or [round(i * (net_config.num_classes - 1) / 7) for i in range(8)]
     callbacks = [
         EpochSeed(model),
         EMAUpdate(model, recipe.ema_decay, tensors=ds.ema_tensors if ds else local_tensors),
         TrainMetrics(net_config, image_size, recipe.train.global_batch_size, recipe.logging.log_every,
-                     paths.local_root),
+                     paths.local_root, recipe.train.max_steps),
         saver,
         NonFiniteGuard(recipe.train.nonfinite, saver),
-        PreemptionCheckpoint(saver),
+        preemption,
     ]
     if recipe.logging.sample_ids:  # first: the steps that end in a checkpoint and an exit are recorded too
         callbacks.insert(0, SampleLog(paths.local_root))
     if recipe.logging.sample_every:
         callbacks.append(SampleGrid(model, recipe.logging.sample_every, sorted(set(classes)), image_size,
-                                    SamplerConfig(**{**sampler.__dict__, "steps": recipe.logging.sample_steps}),
+                                    sampler.merged(steps=recipe.logging.sample_steps),
                                     paths.local_root, seed=recipe.seed))
     if recipe.eval.every:
         callbacks.append(scheduled_eval(recipe, paths, sampler))
@@ -212,7 +216,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
 
     trainer = Trainer(
         model=ds.model if ds else model,
-        train_dataloader=build_dataloader(recipe, per_rank),
+        train_dataloader=loader,
         max_duration=f"{recipe.train.max_steps}ba",
         optimizers=optimizer,
         device=device,
@@ -224,21 +228,18 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         run_name=recipe.run_name,
         seed=recipe.seed,
         load_path=resume[1] if resume else None,
-        progress_bar=recipe.logging.progress_bar,
+        progress_bar=recipe.logging.progress_bar and sys.stdout.isatty(),  # a log file gets metric lines
         log_to_console=False,
         save_folder=None,
         python_log_level=None,
     )
-    if recipe.parallelism.strategy == "fsdp":  # the Trainer has sharded the model in place by now
-        parallel.average_gradients_on_gloo(model)
-        parallel.register_forward_methods(model)
+    parallel.after_trainer(trainer.state.model, model, recipe)  # DDP-wrapped, or sharded in place, by now
     return trainer, paths
 
 
 def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig):
-    from dip_scale.train.callbacks.fid_eval import ScheduledEval
-
     e = recipe.eval
     return ScheduledEval(every=e.every, mode=e.mode, num_samples=e.num_samples, batch_size=e.batch_size,
                          reference=e.reference, inception_path=e.inception_path, sampler=sampler,
-                         run_dir=paths.local_root, seed=recipe.seed, image_size=tuple(recipe.data.image_size))
+                         run_dir=paths.local_root, seed=recipe.seed, image_size=tuple(recipe.data.image_size),
+                         script=e.script)

@@ -1,6 +1,11 @@
 """wandb for a training run: one wandb run per training run (the same id across resumes, on any machine),
 the resolved recipe as a nested config, and a compatibility shim for Composer 0.32.1.
 
+Evaluations: in-process ones (eval.mode=local) log eval/* into the training run, plotted against eval/step
+(the checkpoint's step). Evaluation jobs (eval.mode=slurm) log into a wandb run of their own in the same
+group (the run name), job type "eval", with the same eval/step axis: a job that finishes while training
+goes on, or after it ended, never writes into the training run's history.
+
 The shim: Composer 0.32.1 (its last release) calls `wandb.run.get_url()` when its WandBLogger starts, and
 wandb 0.29 removed `Run.get_url` in favour of the `Run.url` property, so any run with wandb on stopped at
 start with AttributeError. `restore_run_get_url()` puts the method back as an alias of `url` when it is
@@ -14,7 +19,7 @@ import dataclasses
 import hashlib
 import os
 
-from dip_scale.train.config import Recipe
+from dip_scale.recipe import Recipe
 
 
 def restore_run_get_url() -> bool:
@@ -49,6 +54,7 @@ def wandb_logger(recipe: Recipe, where: str, local_root: str):
     restore_run_get_url()
     os.environ.setdefault("WANDB_MODE", w.mode)
     os.environ.setdefault("WANDB_SILENT", "true")  # its banner and summary would flood the job log
-    return WandBLogger(project=w.project, entity=w.entity, name=recipe.run_name, rank_zero_only=True,
+    return WandBLogger(project=w.project, entity=w.entity, name=recipe.run_name, group=recipe.run_name,
+                       rank_zero_only=True,
                        init_kwargs={"id": wandb_run_id(recipe, where), "resume": "allow", "dir": str(local_root),
                                     "config": dataclasses.asdict(recipe)})

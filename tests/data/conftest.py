@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dip_scale.data import write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
 
 
 @pytest.fixture(scope="session")

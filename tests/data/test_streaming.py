@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from data_prep.cli import main
+from data_prep.synthetic import write_synthetic_shards
 from dip_scale.data import (
     DiPStreamingDataset,
     adm_center_crop,
@@ -20,7 +21,6 @@ from dip_scale.data import (
     job_cache_dir,
     read_dataset_info,
     synthetic_image,
-    write_synthetic_shards,
 )
 from tests.data_prep.image_tree import make_image_tree
 

@@ -17,14 +17,14 @@ import pytest
 from data_prep.cli import main
 from data_prep.verify import verify_dataset
 from dip_scale.data import DiPStreamingDataset, read_dataset_info, synthetic_image
-from dip_scale.data.storage import Folder
+from dip_scale.storage import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_IMAGES, CHUNK, RESOLUTION = 2400, 100, 32
 
 
 def _done_parts(out: str) -> set[str]:
-    return {name.split("/")[0] for name in Folder(out).list("part-") if name.endswith("/done.json")}
+    return {name.split("/")[0] for name in open_store(out).list("part-") if name.endswith("/done.json")}
 
 
 @pytest.mark.parametrize("where,workers", [("local", 1), ("s3", 2)])
@@ -49,7 +49,7 @@ def test_rerun_after_kill_completes_without_duplicates(where: str, workers: int,
     num_chunks = NUM_IMAGES // CHUNK
     done_at_kill = _done_parts(out)
     assert len(done_at_kill) < num_chunks, "the write finished before the kill: the test proved nothing"
-    assert not Folder(out).exists("index.json")
+    assert not open_store(out).exists("index.json")
 
     assert main(args) == 0
     # Requests the killed process had in flight may still land after the listing above: at least the

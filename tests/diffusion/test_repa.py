@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dip_scale.diffusion.repa import (DINOV2_VITB14_FILE, DINOV2_VITB14_URL, IMAGENET_MEAN, REPA, DINOv2ViT,
-                                      alignment_loss, load_repa_encoder)
+from dip_scale.diffusion.repa import (
+    DINOV2_VITB14_FILE,
+    DINOV2_VITB14_URL,
+    IMAGENET_MEAN,
+    REPA,
+    DINOv2ViT,
+    alignment_loss,
+    load_repa_encoder,
+)
 from dip_scale.models import build_model
 
 # A small encoder with the real patch size and native grid (14 px patches, 37 x 37 at 518 px).

@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from dip_scale.eval.inception import (SPATIAL_DIM, WEIGHTS_ENV, WEIGHTS_FILENAME, WEIGHTS_URL, InceptionFeatures,
-                                      find_weights, hub_cache_path)
+from dip_scale.eval.inception import (
+    SPATIAL_DIM,
+    WEIGHTS_ENV,
+    WEIGHTS_FILENAME,
+    WEIGHTS_URL,
+    InceptionFeatures,
+    find_weights,
+    hub_cache_path,
+)
 from tests.eval.images import blobs
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import struct
 import time
 from pathlib import Path
 
@@ -12,8 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dip_scale.eval.results import (COLUMNS, append_to_run, default_json_path, log_wandb, make_record,
-                                    save_samples_npz, write_json)
+from dip_scale.eval.results import (
+    COLUMNS,
+    append_to_run,
+    default_json_path,
+    log_wandb,
+    make_record,
+    save_samples_npz,
+    write_json,
+)
+from tests.wandb_files import parsed_records
 
 SETTINGS = {"num_samples": 1000, "batch_size": 64, "seed": 0, "precision": "auto", "compile_model": False,
             "sampler": {"steps": 100, "method": "euler", "guidance_scale": 2.9, "guidance_interval": [0.11, 0.97]}}
@@ -77,34 +84,14 @@ def test_samples_npz_is_adm_compatible(tmp_path):
         save_samples_npz(tmp_path / "bad.npz", images.astype(np.float32), np.zeros(4))
 
 
-def wandb_records(path: Path):
-    """The protobuf records of an offline run file (wandb's LevelDB-style log: 7-byte file header, 32 KiB
-    blocks of chunks with a (crc32, length, type) header; a record spans FIRST/MIDDLE/LAST chunks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, pos, pending = 32768, 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if pos + 7 + length > len(data):  # still being written
-            return
-        chunk = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            yield pb.Record.FromString(pending + chunk if kind == 4 else chunk)
-        pending = chunk if kind == 2 else pending + chunk if kind == 3 else b""
-
-
 def test_wandb_offline_logs_at_the_checkpoint_step(tmp_path):
-    run_id = log_wandb(record(300, 7.5), project="dip-test", mode="offline", directory=tmp_path)
+    run_id = log_wandb(record(300, 7.5), project="dip-test", group="a-run", run_id="a-run-eval-300", mode="offline",
+                       directory=tmp_path)
+    assert run_id == "a-run-eval-300"
     [run_file] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     deadline = time.monotonic() + 60
     while True:  # wandb's own service process writes the file; finish() may return before it is flushed
-        records = list(wandb_records(run_file))
+        records = parsed_records(run_file)
         if any(r.WhichOneof("record_type") == "history" for r in records) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -114,3 +101,5 @@ def test_wandb_offline_logs_at_the_checkpoint_step(tmp_path):
     row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in history.item}
     assert row["eval/step"] == 300 and row["eval/fid"] == 7.5 and row["eval/num_samples"] == 1000
     assert "eval/recall" not in row  # None is not logged
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "a-run" and run.job_type == "eval"

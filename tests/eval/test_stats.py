@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dip_scale.data import synthetic_image, write_synthetic_shards
+from data_prep.synthetic import write_synthetic_shards
+from dip_scale.data import synthetic_image
 from dip_scale.eval.metrics import mean_cov
 from dip_scale.eval.stats import Moments, load_reference, read_npz_reference
 from tests.eval.images import blobs
@@ -139,6 +140,40 @@ def test_statistics_from_shards_equal_those_of_the_same_images_on_disk(shards, s
         again = load_reference(str(shards), inception, cache_dir=tmp_path, progress=False)
     assert seen[0] == 0
     assert_same_stats(again, from_shards)
+
+
+def read_like_the_adm_evaluator(path: Path) -> tuple[np.ndarray, tuple, tuple]:
+    """What ADM's evaluator (guided-diffusion, evaluations/evaluator.py) takes from --ref_batch: the arr_0
+    images, read batch by batch from the zip member arr_0.npy after its .npy header, and mu/sigma and
+    mu_s/sigma_s as they are when "mu" is among the keys."""
+    import zipfile
+
+    with np.load(path) as obj:
+        assert "mu" in list(obj.keys())
+        stats, spatial = (obj["mu"], obj["sigma"]), (obj["mu_s"], obj["sigma_s"])
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+        version = np.lib.format.read_magic(f)
+        assert version == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        assert dtype == np.uint8 and not fortran and len(shape) == 4 and shape[-1] == 3
+        per_image = int(np.prod(shape[1:]))
+        batches = []
+        while chunk := f.read(per_image * 2):  # ADM reads fixed-size batches of raw bytes
+            batches.append(np.frombuffer(chunk, dtype=np.uint8).reshape(-1, *shape[1:]))
+    return np.concatenate(batches), stats, spatial
+
+
+def test_cached_statistics_are_an_adm_reference_batch(shards, inception, tmp_path):
+    stats = load_reference(str(shards), inception, cache_dir=tmp_path, batch_size=4, progress=False)
+    cached = shards / f"fid_stats-{inception.fingerprint}.npz"
+    images, (mu, sigma), (mu_s, sigma_s) = read_like_the_adm_evaluator(cached)
+    assert images.shape == (NUM, SIZE, SIZE, 3)  # all of them: fewer than the 10,000 of the subset
+    expected = np.stack([synthetic_image(i, SIZE, 0)[0] for i in range(NUM)])
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(mu, stats.mu)
+    np.testing.assert_array_equal(sigma, stats.sigma)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu_s.shape == (2023,)
+    assert sigma_s.shape == (2023, 2023)
 
 
 def test_folder_cache_is_redone_when_the_images_change(tmp_path, inception):

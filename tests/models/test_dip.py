@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 from dip_scale.models import PRESETS, DiPConfig, build_model
 from dip_scale.models.dit import apply_rope, patchify, rope_angles, unpatchify
-from dip_scale.models.official import (convert_official_state_dict, infer_config, load_official_checkpoint,
-                                       to_official_state_dict)
+from dip_scale.models.official import (
+    convert_official_state_dict,
+    infer_config,
+    load_official_checkpoint,
+    to_official_state_dict,
+)
 from tests.models.reference_dip import RefDiP
 
 

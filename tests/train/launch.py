@@ -14,6 +14,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "dip_tiny_cpu.yaml"
+PLAIN = ["objective.repa.enabled=false", "eval.every=0", "logging.wandb.enabled=false", "train.compile=false",
+         "logging.sample_every=0"]
+"""The tiny twin without what a test of something else does not need (REPA's 346 MB encoder, the Slurm
+evaluation, wandb, compilation, sample grids); tests/cluster/test_recipes.py runs it as written. A test's own
+overrides come after these and win."""
 
 
 def free_port() -> int:
@@ -26,6 +31,8 @@ def train(overrides: list[str], recipe: Path = TINY, nproc: int = 1, logs: Path 
           env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Train with `overrides`; nproc > 1 uses the composer launcher with gloo on CPU."""
     bin_dir = Path(sys.executable).parent
+    if recipe == TINY:
+        overrides = [*PLAIN, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "dip_scale.train", str(recipe), *overrides]
     else:
@@ -40,7 +47,8 @@ def train(overrides: list[str], recipe: Path = TINY, nproc: int = 1, logs: Path 
         extra = ""
         if logs is not None:
             extra = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("rank*.err")))
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}{extra}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}{extra}")
     return proc
 
 
@@ -55,8 +63,8 @@ def losses(run_dir: Path, key: str = "loss/train/total") -> dict[int, float]:
 
 def final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """Model tensors (net and EMA) of a run's step-N checkpoint (monolithic or sharded)."""
-    from dip_scale.inference import _model_state
+    from dip_scale.checkpoint import read_weights
 
-    weights, saved_step = _model_state(run_dir / "checkpoints" / f"step-{step:09d}")
+    weights, saved_step = read_weights(run_dir / "checkpoints" / f"step-{step:09d}", trust=True)
     assert saved_step == step
     return weights

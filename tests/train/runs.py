@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tests.train.launch import ROOT, TINY, free_port
+from tests.train.launch import PLAIN, ROOT, TINY, free_port
 
 RUN_NAME = "tiny"
 NUM_IMAGES = 48
@@ -33,13 +33,13 @@ STEPS = 12
 EVERY = 4
 KEEP_LAST = 2
 MILESTONE = 4
-BASE = ["logging.sample_every=0", "logging.log_every=1", "logging.sample_ids=true", f"run_name={RUN_NAME}",
+BASE = [*PLAIN, "logging.sample_every=0", "logging.log_every=1", "logging.sample_ids=true", f"run_name={RUN_NAME}",
         f"train.global_batch_size={GLOBAL_BATCH}", "data.num_workers=0", f"train.max_steps={STEPS}",
         f"checkpoint.every={EVERY}", f"checkpoint.keep_last={KEEP_LAST}", f"checkpoint.milestones=[{MILESTONE}]"]
 
 
 def make_data(out: Path) -> str:
-    from dip_scale.data.synthetic import write_synthetic_shards
+    from data_prep.synthetic import write_synthetic_shards
 
     write_synthetic_shards(str(out), NUM_IMAGES, resolution=32, seed=0)
     return str(out)
@@ -100,6 +100,17 @@ class Run:
         for i, p in enumerate(procs):
             if ranks is None or i in ranks:
                 p.send_signal(sig)
+
+    def signal_now(self, sig: int) -> None:
+        """Send `sig` to all ranks while they are frozen (SIGSTOP ... SIGCONT), so that the step they see it
+        in is the one the caller just observed or the next, however fast the steps run."""
+        procs = self.ranks()
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        for p in procs:
+            p.send_signal(sig)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
 
     def wait(self, timeout: float = 600) -> int:
         try:

@@ -22,13 +22,30 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dip_scale.train.callbacks.checkpoint import _Uploader
-from dip_scale.train.checkpoints import (LATEST, MANIFEST, checkpoint_name, describe_files, find_resume_checkpoint,
-                                         write_manifest)
-from dip_scale.train.storage import S3Store
-from tests.train.runs import (EVERY, RUN_NAME, STEPS, assert_bitwise_equal, assert_each_epoch_once, checkpoint_state,
-                              data_args, losses, run, samples_by_step, start)
-from tests.train.s3_proxy import FaultyProxy
+from dip_scale.checkpoint import (
+    LATEST,
+    MANIFEST,
+    Uploader,
+    checkpoint_name,
+    describe_files,
+    find_resume_checkpoint,
+    write_manifest,
+)
+from dip_scale.storage import S3Store
+from tests.storage.s3_proxy import FaultyProxy
+from tests.train.runs import (
+    EVERY,
+    RUN_NAME,
+    STEPS,
+    assert_bitwise_equal,
+    assert_each_epoch_once,
+    checkpoint_state,
+    data_args,
+    losses,
+    run,
+    samples_by_step,
+    start,
+)
 from tests.train.test_resume import EXIT_PREEMPTED, complete_steps, remote_steps, resumed_from
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,7 +71,7 @@ def upload_checkpoint(store: S3Store, folder: Path, manifest: bool = True) -> No
 
 @pytest.fixture
 def warnings_log(caplog):
-    caplog.set_level(logging.WARNING, logger="dip_scale.train.checkpoints")
+    caplog.set_level(logging.WARNING, logger="dip_scale.checkpoint")
     return lambda: "\n".join(r.getMessage() for r in caplog.records)
 
 
@@ -116,7 +133,8 @@ def test_remote_faults_fall_back_to_the_newest_intact(tmp_path, s3_url, warnings
     store.write_text(LATEST, "step-000000016")
     machine = tmp_path / "machine"
     step, path = find_resume_checkpoint(machine, store)
-    assert step == 4 and Path(path).read_bytes() == (made / "checkpoints" / checkpoint_name(4) / "state.pt").read_bytes()
+    assert step == 4
+    assert Path(path).read_bytes() == (made / "checkpoints" / checkpoint_name(4) / "state.pt").read_bytes()
     log = warnings_log()
     assert "step-000000012: no manifest in the remote store (incomplete upload)" in log
     assert "step-000000008: checksum mismatch in state.pt" in log
@@ -142,7 +160,7 @@ def test_uploads_left_by_a_previous_process_are_caught_up(tmp_path, s3_url):
     upload_checkpoint(store, make_checkpoint(tmp_path, 4))
     local = [(s, make_checkpoint(tmp_path, s)) for s in (8, 12)]
     local.append((16, make_checkpoint(tmp_path, 16, manifest=False)))  # incomplete: not uploaded
-    uploader = _Uploader(store)
+    uploader = Uploader(store)
     uploader.catch_up(local, keep_last=2, milestones={4})
     deadline = time.monotonic() + 60
     while not uploader.idle():

@@ -25,8 +25,18 @@ from pathlib import Path
 import pytest
 
 from tests.train.launch import final_model, free_port
-from tests.train.runs import (EVERY, RUN_NAME, STEPS, assert_each_epoch_once, data_args, losses, own_shm_possible, run,
-                              samples_by_step, start)
+from tests.train.runs import (
+    EVERY,
+    RUN_NAME,
+    STEPS,
+    assert_each_epoch_once,
+    data_args,
+    losses,
+    own_shm_possible,
+    run,
+    samples_by_step,
+    start,
+)
 from tests.train.test_resume import EXIT_PREEMPTED, resumed_from
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dip_scale.train.config import load_recipe
+from dip_scale.recipe import load_recipe
 from dip_scale.train.loggers import restore_run_get_url, wandb_run_id
 from tests.train.launch import TINY
 

@@ -1,5 +1,7 @@
-"""ddp and fsdp (FSDP2: ZeRO-3, ZeRO-2, hybrid, which Composer 0.32 runs as ZeRO-3) with 2 real ranks (gloo, the composer launcher) follow the
-loss curve of a single process with the same global batch and seed.
+"""ddp and fsdp (FSDP2: ZeRO-3, ZeRO-2, hybrid) with 2 real ranks (gloo, the composer launcher) follow the loss
+curve of a single process with the same global batch and seed. The hybrid case asks for 2 replicas of 1 rank,
+so that one machine exercises the replica dimension (the gradient all-reduce across replicas); 2 hosts x 2
+ranks are in tests/cluster/test_multihost.py.
 
 Why they can agree: each sample's noise, t and label drop come from (seed, epoch, sample id), and the
 streaming order depends on the fixed num_canonical_nodes, not on the rank count. What remains is float
@@ -31,7 +33,7 @@ def single(tmp_path_factory, tiny_shards):
     ["parallelism.strategy=ddp", "train.activation_checkpointing=true"],
     ["parallelism.strategy=fsdp", "parallelism.fsdp.sharding=full"],
     ["parallelism.strategy=fsdp", "parallelism.fsdp.sharding=grad_op", "train.device_microbatch_size=4"],
-    ["parallelism.strategy=fsdp", "parallelism.fsdp.sharding=hybrid"],
+    ["parallelism.strategy=fsdp", "parallelism.fsdp.sharding=hybrid", "parallelism.fsdp.replicas=2"],
 ], ids=["ddp+ac", "fsdp-full", "fsdp-grad_op+accum", "fsdp-hybrid"])
 def test_two_ranks_match_one(tmp_path, tiny_shards, single, options):
     train([f"data.remote={tiny_shards}", f"checkpoint.save_folder={tmp_path}", *COMMON, *options], nproc=2,
@@ -47,9 +49,9 @@ def test_two_ranks_match_one(tmp_path, tiny_shards, single, options):
     ref_norm, got_norm = losses(single, "train/grad_norm"), losses(run, "train/grad_norm")
     for step in ref_norm:
         assert got_norm[step] == pytest.approx(ref_norm[step], rel=1e-5), (step, got_norm, ref_norm)
-    if "parallelism.fsdp.sharding=hybrid" in options:  # Composer 0.32 cannot build the 2-D mesh: it says so
+    if "parallelism.fsdp.sharding=hybrid" in options:  # a real 2-D mesh: (replicas, ranks per replica)
         err = "".join(p.read_text() for p in (tmp_path / "logs").glob("rank*.err"))
-        assert "hybrid runs as full sharding" in err
+        assert "hybrid sharding: mesh of 2 replicas x 1 ranks" in err
     a, b = final_model(single, STEPS), final_model(run, STEPS)
     assert set(a) == set(b)
     # Adam moves a weight by ~lr per step whatever the gradient's size, so summation-order noise in a

@@ -1,10 +1,10 @@
-"""Periodic, atomic, verified checkpoints with background upload (see dip_scale.train.checkpoints).
+"""Periodic, atomic, verified checkpoints with background upload (the format: dip_scale.checkpoint).
 
 Saving (every `every` steps, at the end of training, and on demand from the preemption and non-finite
 callbacks):
   1. every rank writes its part into `step-N.tmp/` with the saver's writer (Composer's checkpoint writer,
      or under deepspeed the engine's, see train/deepspeed.py);
-  2. the ranks exchange sizes and SHA-256 of what they wrote; rank 0 writes `manifest.json` last and
+  2. the ranks exchange sizes and digests of what they wrote; rank 0 writes `manifest.json` last and
      renames the folder to `step-N/`: only then is the checkpoint complete locally (on a multi-node job
      whose local folders are not shared, every node does the same with its own part);
   3. with a remote save folder, each rank uploads its own files in a background thread, retrying with
@@ -18,11 +18,8 @@ that is not yet uploaded.
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -30,110 +27,23 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from composer.utils.checkpoint import _save_checkpoint
+from composer.utils.checkpoint import save_checkpoint
 
-from dip_scale.train.checkpoints import (CHECKPOINTS, LATEST, MANIFEST, checkpoint_name, describe_files,
-                                         local_checkpoints, read_manifest, step_of, verify_local, write_manifest)
-from dip_scale.train.storage import StoreUnavailable
+from dip_scale.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    MANIFEST,
+    RECIPE,
+    Uploader,
+    checkpoint_name,
+    describe_files,
+    local_checkpoints,
+    step_of,
+    write_manifest,
+)
+from dip_scale.storage import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-class _Uploader:
-    """One background thread per rank that uploads checkpoint files in order. An unreachable store is retried
-    without end (loudly); any other failure (a local file gone, access denied) skips that item with an error,
-    so that one bad checkpoint cannot hold back the later ones."""
-
-    def __init__(self, store, retry_pause: float = 10.0):
-        self.store = store
-        self.retry_pause = retry_pause
-        self.queue: queue.Queue = queue.Queue()
-        self.uploaded_step = -1  # newest step whose files from this rank are all up
-        self.unavailable = False
-        self.pinned: set[int] = set()  # local checkpoints being caught up: retention must not delete them
-        self.thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
-        self.thread.start()
-
-    def files(self, step: int, folder: Path, names: list[str]):
-        self.queue.put(("files", step, (folder, names)))
-
-    def commit(self, step: int, manifest: str, keep_last: int, milestones: set[int]):
-        """Queue the commit of `step`, given its manifest's text (the local folder may be pruned before)."""
-        self.queue.put(("commit", step, (manifest, keep_last, milestones)))
-
-    def catch_up(self, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
-        self.pinned.update(s for s, _ in steps)
-        self.queue.put(("catch_up", -1, (steps, keep_last, milestones)))
-
-    def idle(self) -> bool:
-        return self.queue.unfinished_tasks == 0
-
-    def _run(self):
-        while True:
-            kind, step, args = self.queue.get()
-            while True:
-                try:
-                    getattr(self, f"_{kind}")(step, *args)
-                except StoreUnavailable as err:
-                    if not self.unavailable:
-                        log.error("CHECKPOINT STORE UNREACHABLE (%s): training continues, checkpoints are kept "
-                                  "locally and will be uploaded when the store is back", err)
-                    self.unavailable = True
-                    time.sleep(self.retry_pause)
-                    continue
-                except Exception as err:  # noqa: BLE001  (a dead uploader would fail silently)
-                    log.error("CHECKPOINT UPLOAD FAILED, skipped: %s of step %d (%s: %s)", kind, step,
-                              type(err).__name__, err)
-                    if kind == "files":
-                        self.uploaded_step = step  # its commit will find the files missing and not happen
-                if self.unavailable:
-                    log.warning("checkpoint store %s is reachable again; uploading what was kept locally",
-                                self.store.url)
-                self.unavailable = False
-                break
-            self.queue.task_done()
-
-    def _files(self, step: int, folder: Path, names: list[str]):
-        for rel in names:
-            self.store.upload(folder / rel, f"{CHECKPOINTS}/{checkpoint_name(step)}/{rel}")
-        self.uploaded_step = step
-
-    def _commit(self, step: int, manifest: str, keep_last: int, milestones: set[int]):
-        """Upload the manifest, which makes the remote checkpoint complete, once every file it names is there
-        with its size; then `latest`; then retention."""
-        name = checkpoint_name(step)
-        sizes = self.store.file_sizes(f"{CHECKPOINTS}/{name}")
-        wrong = [rel for rel, info in json.loads(manifest)["files"].items() if sizes.get(rel) != info["size"]]
-        if wrong:
-            raise RuntimeError(f"{self.store.url}/{CHECKPOINTS}/{name} lacks {wrong}; not marking it complete")
-        self.store.write_text(f"{CHECKPOINTS}/{name}/{MANIFEST}", manifest)
-        self.store.write_text(LATEST, name)
-        log.info("checkpoint uploaded: %s/%s/%s", self.store.url, CHECKPOINTS, name)
-        # Retention over the complete checkpoints up to this one; incomplete ones below it are leftovers.
-        steps = sorted(s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None and s <= step)
-        complete = [s for s in steps if s == step or self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/"
-                                                                          f"{MANIFEST}") is not None]
-        for s in steps:
-            if s not in milestones and s not in complete[-keep_last:]:
-                self.store.delete_dir(f"{CHECKPOINTS}/{checkpoint_name(s)}")
-
-    def _catch_up(self, _, steps: list[tuple[int, Path]], keep_last: int, milestones: set[int]):
-        """Upload complete local checkpoints newer than the newest complete remote one, oldest first."""
-        try:
-            remote = [s for d in self.store.list_dirs(CHECKPOINTS) if (s := step_of(d)) is not None]
-            newest = max((s for s in remote if self.store.read_text(f"{CHECKPOINTS}/{checkpoint_name(s)}/"
-                                                                    f"{MANIFEST}") is not None), default=-1)
-            for step, folder in sorted(steps):
-                if step > newest and verify_local(folder) is None:
-                    log.warning("uploading checkpoint %s, which an earlier process could not upload", folder)
-                    self._files(step, folder, list(read_manifest(folder)["files"]))
-                    self._commit(step, (folder / MANIFEST).read_text(), keep_last, milestones)
-                self.pinned.discard(step)
-        except StoreUnavailable:
-            raise  # retried: the steps stay pinned
-        except Exception:
-            self.pinned.clear()
-            raise
 
 
 class ComposerWriter:
@@ -143,8 +53,8 @@ class ComposerWriter:
         """Write into `tmp`; return the files this rank wrote (relative to tmp) and what load_path names."""
         rank = dist.get_global_rank()
         sharded = state.fsdp_sharded_state_dict_enabled
-        target = tmp / "sharded" / f"__{rank}_0.distcp" if sharded else tmp / "state.pt"
-        written = _save_checkpoint(state, str(target))  # ends with a barrier
+        # Composer names the shard files itself (sharded/ from parallel.FSDPConfig); it ends with a barrier.
+        written = save_checkpoint(state, str(tmp / "state.pt"))
         mine = []
         if written is not None:
             mine = [str(Path(written).relative_to(tmp))]
@@ -165,7 +75,7 @@ class CheckpointSaver(Callback):
         self.milestones = set(milestones or [])
         self.config_yaml = config_yaml
         self.upload_timeout = upload_timeout
-        self.uploader: _Uploader | None = None
+        self.uploader: Uploader | None = None
         self.saved: list[int] = []  # steps saved by this process, in order
         self.agreed = -1  # newest step uploaded by every rank (identical on all ranks)
         self.last_saved_step = -1
@@ -191,7 +101,7 @@ class CheckpointSaver(Callback):
         """Start this rank's uploader; rank 0 queues the local checkpoints an earlier process left unuploaded."""
         if self.store is None or self.uploader is not None:
             return
-        self.uploader = _Uploader(self.store)
+        self.uploader = Uploader(self.store)
         if dist.get_global_rank() == 0:
             self.uploader.catch_up(local_checkpoints(self.local_root), self.keep_last, self.milestones)
 
@@ -208,8 +118,8 @@ class CheckpointSaver(Callback):
         dist.barrier()
         mine, load = self.writer.write(state, tmp)
         if rank == 0:
-            (tmp / "recipe.yaml").write_text(self.config_yaml)
-            mine.append("recipe.yaml")
+            (tmp / RECIPE).write_text(self.config_yaml)
+            mine.append(RECIPE)
         files = {}
         for part in dist.all_gather_object(describe_files(tmp, mine)):
             files.update(part)
@@ -217,7 +127,7 @@ class CheckpointSaver(Callback):
         if rank == 0:
             self._complete(tmp, final, step, files, load, meta)
             if self.store is None:
-                _write_atomic(self.local_root / LATEST, final.name)
+                atomic_write(self.local_root / LATEST, final.name)
         dist.barrier()
         if dist.get_world_size() > dist.get_local_world_size():
             # Other nodes: when their local folder is their own, their part is still in step-N.tmp/.
@@ -297,12 +207,6 @@ class CheckpointSaver(Callback):
         for tmp in (self.local_root / CHECKPOINTS).glob("step-*.tmp"):
             if (s := step_of(tmp.name[:-4])) is not None and s < self.last_saved_step:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def finish_uploads(trainer) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
+import os
 import subprocess
 import sys
 import threading
@@ -32,22 +32,27 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.nn.parallel import DistributedDataParallel
 
+from dip_scale.checkpoint import newest_complete
 from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.evaluate import EvalSettings, evaluate_model
+from dip_scale.eval.flags import sampler_args
 from dip_scale.eval.generate import check_num_samples, world
-from dip_scale.eval.results import EVAL_DIR, METRICS
+from dip_scale.eval.inception import InceptionFeatures
+from dip_scale.eval.results import EVAL_DIR, METRICS, append_to_run, make_record, write_json
+from dip_scale.eval.stats import load_reference
 
 log = logging.getLogger(__name__)
 
-MODES = ("local", "slurm")
-
-
 class ScheduledEval(Callback):
-    """Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size
-    (per rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS
-    or the torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and
-    eval/), seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches),
-    script (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra
-    dip-eval options), cache_dir (for s3:// references)."""
+    """The values come validated (recipe/load.py: ranges and combinations; train/preflight.py: the reference,
+    the Inception weights and the job script exist).
+
+    Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size (per
+    rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS or the
+    torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and eval/),
+    seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches), script
+    (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra dip-eval
+    options), cache_dir (for s3:// references)."""
 
     def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
                  reference: str | None = None, inception_path: str | None = None,
@@ -55,16 +60,6 @@ class ScheduledEval(Callback):
                  image_size: tuple[int, int] | None = None, script: str | Path = "cluster/eval_fid.sh",
                  sbatch_args: list[str] | None = None, eval_args: list[str] | None = None,
                  cache_dir: str | None = None):
-        if every <= 0:
-            raise ValueError(f"eval.every must be a positive number of steps, got {every}")
-        if mode not in MODES:
-            raise ValueError(f"eval.mode must be one of {MODES}, got {mode!r}")
-        if not reference:
-            raise ValueError("eval.reference is not set: give an ADM reference .npz, a folder or s3:// prefix of "
-                             "MDS shards, or an image folder")
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError(f"eval.num_samples and eval.batch_size must be positive, got {num_samples} and "
-                             f"{batch_size}")
         self.every, self.mode = every, mode
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.reference, self.inception_path, self.cache_dir = str(reference), inception_path, cache_dir
@@ -77,27 +72,18 @@ class ScheduledEval(Callback):
         self.ref_stats = None
         self.submitted_step = -1
         self._threads: list[threading.Thread] = []
-        if mode == "slurm":
-            if not self.script.is_file():
-                raise FileNotFoundError(f"eval.mode=slurm: the job script {self.script} does not exist (run from "
-                                        f"the project root, or pass script=)")
-            if shutil.which("sbatch") is None:
-                raise FileNotFoundError("eval.mode=slurm: sbatch is not on PATH; use eval.mode=local outside Slurm")
-        else:
-            from dip_scale.eval.inception import find_weights
-
-            find_weights(inception_path)  # the error names the file and where it goes
 
     # -- events -------------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger):
         check_num_samples(self.num_samples, _network(state).config.num_classes)
+        wandb_run = getattr(sys.modules.get("wandb"), "run", None)
+        if wandb_run is not None and self.mode == "local":  # eval/* against the evaluated checkpoint's step
+            wandb_run.define_metric("eval/step")
+            wandb_run.define_metric("eval/*", step_metric="eval/step")
         if self.mode == "slurm":  # a resumed run does not submit again what it submitted before
             self.submitted_step = max((j["step"] for j in read_jobs(self.run_dir) if "job_id" in j), default=-1)
         if self.mode == "local" and self.inception is None:
-            from dip_scale.eval.inception import InceptionFeatures
-            from dip_scale.eval.stats import load_reference
-
             device = next(_network(state).parameters()).device
             # Building the network draws its (overwritten) initial weights from the global generator.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -121,9 +107,6 @@ class ScheduledEval(Callback):
     # -- local --------------------------------------------------------------------------------------
 
     def evaluate_local(self, state: State, logger: Logger, step: int) -> dict | None:
-        from dip_scale.eval.evaluate import EvalSettings, evaluate_model
-        from dip_scale.eval.results import append_to_run, make_record, write_json
-
         settings = EvalSettings(num_samples=self.num_samples, batch_size=self.batch_size, seed=self.seed,
                                 sampler=self.sampler)
         image_size = self.image_size or tuple(state.batch_get_item(0).shape[-2:])
@@ -139,32 +122,33 @@ class ScheduledEval(Callback):
                              inception=self.inception.fingerprint, mode="local")
         write_json(str(self.run_dir / EVAL_DIR / f"step-{step:09d}.n{self.num_samples}.json"), record)
         append_to_run(self.run_dir, record)
-        logger.log_metrics({f"eval/{m}": record["metrics"][m] for m in METRICS if record["metrics"][m] is not None})
+        logger.log_metrics({"eval/step": step, **{f"eval/{m}": record["metrics"][m] for m in METRICS
+                                                  if record["metrics"][m] is not None}})
         log.info("step %d: FID %.4f (N=%d, %.1f s)", step, record["metrics"]["fid"], self.num_samples, out.total_s)
         return record
 
     # -- slurm --------------------------------------------------------------------------------------
 
     def command(self, checkpoint: Path) -> list[str]:
-        s = self.sampler
         cmd = ["sbatch", "--parsable", *self.sbatch_args, str(self.script), str(checkpoint),
                "--reference", self.reference, "--num-samples", str(self.num_samples),
-               "--batch-size", str(self.batch_size), "--seed", str(self.seed), "--steps", str(s.steps),
-               "--method", s.method, "--guidance-scale", str(s.guidance_scale),
-               "--guidance-interval", str(s.guidance_interval[0]), str(s.guidance_interval[1]),
+               "--batch-size", str(self.batch_size), "--seed", str(self.seed), *sampler_args(self.sampler),
                "--run-dir", str(self.run_dir.resolve())]
         if self.inception_path:
             cmd += ["--inception-weights", str(Path(self.inception_path).resolve())]
         wandb_run = getattr(sys.modules.get("wandb"), "run", None)
-        if wandb_run is not None:  # the job adds its numbers to this training run, at the checkpoint's step
-            cmd += ["--wandb-project", wandb_run.project, "--wandb-run-id", wandb_run.id]
+        if wandb_run is not None:  # a run of its own in this run's group, at the checkpoint's step
+            step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+            cmd += ["--wandb-project", wandb_run.project, "--wandb-group", wandb_run.group or wandb_run.name,
+                    "--wandb-run-id", f"{wandb_run.id}-eval-{step}-n{self.num_samples}",
+                    "--wandb-mode", "offline" if wandb_run.offline else "online"]
             if wandb_run.entity:
                 cmd += ["--wandb-entity", wandb_run.entity]
         return cmd + self.eval_args
 
     def submit(self, step: int) -> threading.Thread | None:
         """Submit the newest complete checkpoint not yet submitted, in a background thread."""
-        found = newest_checkpoint(self.run_dir)
+        found = newest_complete(self.run_dir)
         if found is None or found[0] <= self.submitted_step:
             log.warning("step %d: no new complete checkpoint under %s to evaluate (newest: %s)", step,
                         self.run_dir / "checkpoints", found[1] if found else None)
@@ -180,9 +164,12 @@ class ScheduledEval(Callback):
     def _sbatch(self, step: int, checkpoint: Path) -> None:
         cmd = self.command(checkpoint)
         entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd,
-                 "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            # sbatch hands this environment to the job; not the address of this process's wandb service, which
+            # the job would try to join long after it is gone
+            env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
             if proc.returncode == 0:
                 entry["job_id"] = proc.stdout.strip().split(";")[0]
                 log.info("submitted FID evaluation of %s as Slurm job %s", checkpoint, entry["job_id"])
@@ -210,16 +197,6 @@ def read_jobs(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return jobs
-
-
-def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """(step, folder) of the newest complete checkpoint (one with its manifest) under <run_dir>/checkpoints."""
-    from dip_scale.train.checkpoints import MANIFEST, local_checkpoints
-
-    for step, folder in local_checkpoints(Path(run_dir)):
-        if (folder / MANIFEST).is_file():
-            return step, folder
-    return None
 
 
 def _composer_model(state: State):

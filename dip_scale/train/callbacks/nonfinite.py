@@ -14,10 +14,10 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from dip_scale.train.callbacks.preemption import ignore_signals
+from dip_scale.train.exits import EXIT_NONFINITE
 
 log = logging.getLogger(__name__)
 
-EXIT_NONFINITE = 3
 
 
 class NonFiniteStop(SystemExit):

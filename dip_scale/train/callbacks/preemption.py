@@ -1,11 +1,15 @@
-"""Checkpoint on SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit), then exit with
-EXIT_PREEMPTED, which cluster/train.sh turns into a requeue.
+"""Checkpoint on SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit), or when the data
+store stays unreachable, then exit with EXIT_PREEMPTED, which cluster/train.sh turns into a requeue.
 
-The handler only raises a flag; at the next step boundary the ranks agree on it (a max-reduce), every
-rank takes part in the checkpoint, uploads are waited for up to the grace period, and the process exits.
+The handler only raises a flag. When the next batch has been fetched and before the step runs, the ranks
+agree (one max-reduce) on two things: did any rank get a signal, and did any rank get a stop batch instead of
+data (data/guard.py: the store stayed unreachable, no batch came within data.stall_timeout, or a signal came
+while waiting for one). If so, every rank takes part in a checkpoint of the last completed step (its data
+position is that step's: the fetched batch is not lost), uploads are waited for up to the grace period, and
+the process exits.
 A second signal exits at once: the checkpoint being written then has no manifest, so it never counts as
-complete (see train/checkpoints.py). Before training starts (imports, resume, download), a signal exits
-with EXIT_PREEMPTED at once: there is nothing new to save (`exit_on_signal`, installed by __main__).
+complete (see dip_scale.checkpoint). Before training starts (imports, resume, download), a signal exits
+with EXIT_PREEMPTED at once: there is nothing new to save (the handler __main__ installs first of all).
 """
 
 from __future__ import annotations
@@ -13,17 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-log = logging.getLogger(__name__)
+from dip_scale.data.guard import is_stop_batch
+from dip_scale.data.streaming import request_stop
+from dip_scale.train.exits import EXIT_PREEMPTED, SIGNALS
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger(__name__)
 
 
 class Preempted(SystemExit):
@@ -39,20 +43,6 @@ def ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def exit_on_signal() -> None:
-    """Until training starts (and PreemptionCheckpoint takes over) there is nothing new to save: a signal exits
-    at once with EXIT_PREEMPTED, a requeue, rather than with Composer's 128 + signal, which a job script
-    takes for a crash."""
-    def leave(signum, frame):
-        log.warning("received %s before training started: exiting with %d", signal.Signals(signum).name,
-                    EXIT_PREEMPTED)
-        ignore_signals()
-        sys.exit(EXIT_PREEMPTED)
-
-    for sig in SIGNALS:
-        signal.signal(sig, leave)
-
-
 class PreemptionCheckpoint(Callback):
     def __init__(self, saver, grace: float = 90.0):
         self.saver = saver
@@ -60,26 +50,37 @@ class PreemptionCheckpoint(Callback):
         self.signal: int | None = None
 
     def fit_start(self, state: State, logger: Logger):
-        # Replaces Composer's handler, which exits without saving.
+        # Replaces the start's handler (exit 75 at once: nothing new to save) and Composer's (exit 143).
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+        if dist.get_global_rank() == 0:
+            log.info("training %s from step %d; from now on SIGTERM / SIGUSR1 checkpoint, then exit %d",
+                     state.run_name, int(state.timestamp.batch), EXIT_PREEMPTED)
+
+    def stop_requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame):
         if self.signal is not None:
             log.error("second signal %s: exiting now without waiting for the checkpoint", signal.Signals(signum).name)
             os._exit(EXIT_PREEMPTED)
         self.signal = signum
-        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        request_stop()  # downloads give up instead of retrying: the run is about to stop
+        log.warning("received %s: checkpointing the last completed step and stopping", signal.Signals(signum).name)
 
-    def batch_end(self, state: State, logger: Logger):
-        flag = state.device.tensor_to_device(torch.tensor([0 if self.signal is None else 1]))
-        dist.all_reduce(flag, reduce_operation="MAX")
-        if not int(flag.item()):
+    def after_dataloader(self, state: State, logger: Logger):
+        flags = torch.tensor([0 if self.signal is None else 1, int(is_stop_batch(state.batch))])
+        flags = state.device.tensor_to_device(flags)
+        dist.all_reduce(flags, reduce_operation="MAX")
+        signalled, no_data = (int(f) for f in flags.tolist())
+        if not (signalled or no_data):
             return
+        request_stop()
         step = int(state.timestamp.batch)
         path = self.saver.save(state)
         self.saver.finish(state, timeout=self.grace)
-        log.warning("preempted at step %d: checkpoint %s written; exiting with %d so the job is requeued", step,
-                    path, EXIT_PREEMPTED)
+        why = "a preemption signal" if signalled else "the data store (see DATA UNAVAILABLE above)"
+        log.warning("preempted at step %d: checkpoint %s written (stopped by %s); exiting with %d so the job is "
+                    "requeued", step, path, why, EXIT_PREEMPTED)
         ignore_signals()
         raise Preempted(EXIT_PREEMPTED)

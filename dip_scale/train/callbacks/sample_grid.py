@@ -6,24 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from PIL import Image
 
-from dip_scale.diffusion.sampler import SamplerConfig, sample, sample_noise, to_uint8
-
-
-def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
-    """uint8 NHWC -> one PIL image, `columns` images a row."""
-    n, h, w, c = images.shape
-    rows = (n + columns - 1) // columns
-    canvas = torch.zeros(rows * h, columns * w, c, dtype=torch.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return Image.fromarray(canvas.numpy())
+from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.generate import default_autocast, sample_images
+from dip_scale.eval.grid import class_columns, image_grid
 
 
 class SampleGrid(Callback):
@@ -45,16 +36,17 @@ class SampleGrid(Callback):
 
     def write(self, state: State, logger: Logger, step: int) -> Path:
         device = next(self.model.net.parameters()).device
-        labels = torch.tensor([c for c in self.classes for _ in range(self.per_class)], device=device)
-        noise = sample_noise(range(len(labels)), (3, *self.image_size), self.seed, device=device)
-        amp = torch.bfloat16 if device.type == "cuda" else None
+        labels = torch.tensor([c for c in self.classes for _ in range(self.per_class)])
         with self.model.ema_network() as net:
-            images = to_uint8(sample(net, noise, labels, self.sampler, net.config.num_classes, amp)).cpu()
-        # Column-major by class: each column one class.
-        grid = images.reshape(len(self.classes), self.per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
+            images = sample_images(net, range(len(labels)), labels, seed=self.seed, sampler=self.sampler,
+                                   image_size=self.image_size, device=device, autocast_dtype=default_autocast(device),
+                                   null_class=net.config.num_classes).cpu()
+        grid = class_columns(images, len(self.classes))
         path = self.out / f"step-{step:09d}.png"
         if dist.get_global_rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            image_grid(grid, columns=len(self.classes)).save(path)
-            logger.log_images(grid.permute(0, 3, 1, 2).float() / 255, name="samples/ema", step=step)
+            picture = image_grid(grid, columns=len(self.classes))
+            picture.save(path)
+            # One picture, as on disk (one class a column), rather than a table of separate images.
+            logger.log_images(np.asarray(picture), name="samples/ema", channels_last=True, step=step, use_table=False)
         return path

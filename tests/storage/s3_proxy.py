@@ -4,6 +4,7 @@
         proxy.set("down")      # connections are accepted and closed at once (what a dead server looks like)
         proxy.set("stall")     # connections are accepted and held, unanswered, until the mode changes
         proxy.set("throttle")  # every request is answered 503 SlowDown (S3's throttling)
+        proxy.set("deny")      # every request is answered 403 AccessDenied (credentials without permission)
         proxy.set("up")        # forwarded again; connections held by "stall" are closed
 
 Switching away from "up" also cuts the connections in flight, so an upload in progress fails mid-way.
@@ -17,11 +18,19 @@ import socketserver
 import threading
 from urllib.parse import urlparse
 
-MODES = ("up", "down", "stall", "throttle")
-SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 118\r\n"
-             b"Connection: close\r\n\r\n"
-             b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Reduce your rate"
-             b"</Message></Error>\n")
+MODES = ("up", "down", "stall", "throttle", "deny")
+
+
+def _error_response(status: str, code: str, message: str) -> bytes:
+    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+            "</Error>\n").encode()
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    return head + body
+
+
+SLOW_DOWN = _error_response("503 Slow Down", "SlowDown", "Reduce your rate")
+ACCESS_DENIED = _error_response("403 Forbidden", "AccessDenied", "Access Denied")
 
 
 class FaultyProxy:
@@ -30,7 +39,8 @@ class FaultyProxy:
         self.target = (target.hostname, target.port)
         self.mode = "up"
         self.changed = threading.Condition()
-        self.refused = 0  # connections failed by "down", "stall" or "throttle"
+        self.refused = 0  # connections failed by "down", "stall", "throttle" or "deny"
+        self.connections = 0  # connections accepted, in any mode
         self._open: set[socket.socket] = set()
         proxy = self
 
@@ -44,7 +54,7 @@ class FaultyProxy:
         self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FaultyProxy":
+    def __enter__(self) -> FaultyProxy:
         self.thread.start()
         return self
 
@@ -67,6 +77,7 @@ class FaultyProxy:
     def _handle(self, client: socket.socket) -> None:
         with self.changed:
             mode = self.mode
+            self.connections += 1
             if mode != "up":
                 self.refused += 1
         if mode == "down":
@@ -75,9 +86,9 @@ class FaultyProxy:
             with self.changed:
                 self.changed.wait_for(lambda: self.mode != "stall")
             _close(client)
-        elif mode == "throttle":
+        elif mode in ("throttle", "deny"):
             client.recv(65536)  # the request line and headers
-            client.sendall(SLOW_DOWN)
+            client.sendall(SLOW_DOWN if mode == "throttle" else ACCESS_DENIED)
             _close(client)
         else:
             self._relay(client)
