@@ -2,8 +2,8 @@
 Composer reads (which modules to shard, which to checkpoint), plus activation checkpointing, torch.compile and
 the dtype of the gradient reduction. DeepSpeed lives in train/deepspeed.py.
 
-Units of sharding and recomputation are the DiT blocks and the detailer head, of both the live network
-and its EMA copy.
+Units of sharding and recomputation are the DiT blocks and the heads (or the DiT final layer), of both the
+live network and its EMA copy.
 
 Hybrid sharding (HSDP) shards within a group of ranks and replicates across groups: a 2-D device mesh
 (replicas, ranks per replica), by default (nodes, ranks per node), so that the parameter all-gathers and
@@ -27,10 +27,10 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from dip_scale.models.detailer import channels_last_weights
+from dip_scale.models import channels_last_weights
 from dip_scale.models.dit import DiTBlock
 from dip_scale.recipe import ConfigError, Recipe
 
@@ -39,8 +39,7 @@ log = logging.getLogger(__name__)
 
 def shard_units(net: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = list(net.trunk.blocks)
-    units.append(net.detailer if net.detailer is not None else net.final_layer)
-    return units
+    return units + [m for m in (net.mid_detailer, net.detailer, net.final_layer) if m is not None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,11 +123,21 @@ def prepare(model: nn.Module, recipe: Recipe, precision: str) -> dict | None:
     return None
 
 
+def register_forward_methods(model: nn.Module) -> None:
+    """Let FSDP2 gather parameters around net.forward_with_hidden too. Call after sharding, on every rank.
+
+    FSDP2 unshards a module's own parameters (here the embedders and the mid head's feedback, which no unit
+    below `net` holds) in hooks around forward() only; the training wrapper calls forward_with_hidden when
+    REPA is on. Without FSDP this does nothing."""
+    register_fsdp_forward_method(model.net, "forward_with_hidden")
+
+
 def after_trainer(trainer_model: nn.Module, model: nn.Module, recipe: Recipe) -> None:
     """What needs the model as the Trainer wrapped it (DDP) or sharded it in place (FSDP). Call on every rank."""
     strategy = recipe.parallelism.strategy
     if strategy == "fsdp":
         average_gradients_on_gloo(model)
+        register_forward_methods(model)
     # One rank has no DDP wrapper and nothing to reduce.
     if (strategy == "ddp" and recipe.parallelism.reduce_dtype == "bf16"
             and isinstance(trainer_model, nn.parallel.DistributedDataParallel)):

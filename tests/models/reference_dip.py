@@ -1,7 +1,7 @@
-"""An independent, deliberately naive DiP written straight from DIP_SPEC.md section 1 with the released
-checkpoint's parameter names: F.unfold / F.fold patches, complex-number RoPE built angle by angle,
-attention written out with softmax, RMSNorm by hand. Tests load converted weights into it and require
-our model to compute the same function."""
+"""An independent, deliberately naive DiP written straight from the released design (docs/dip.md, "The
+trunk" and "The Patch Detailer Head") with the released checkpoint's parameter names: F.unfold / F.fold
+patches, complex-number RoPE built angle by angle, attention written out with softmax, RMSNorm by hand.
+Tests load converted weights into it and require our model to compute the same function."""
 
 from __future__ import annotations
 

@@ -10,10 +10,13 @@ logged gradient norm, which Adam's scale invariance cannot hide, agrees to 1e-5.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tests.train.launch import final_model, losses, train
+from tests.train.launch import ROOT, final_model, losses, train
 
 STEPS = 4
 COMMON = ["train.max_steps=4", "checkpoint.every=4", "logging.sample_every=0", "logging.log_every=1"]
@@ -55,3 +58,45 @@ def test_two_ranks_match_one(tmp_path, tiny_shards, single, options):
     # near-zero gradient can move it by up to lr: weights agree to one step (lr = 1e-3), losses to 1e-4.
     for k in a:  # EMA included: it is sharded and checkpointed like the weights
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-3), (k, (a[k] - b[k]).abs().max())
+
+
+FORWARD_WITH_HIDDEN = r"""
+import copy, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from dip_scale.models import build_model
+from dip_scale.train import parallel
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+net = build_model("DiP-tiny/16-both")  # root-held parameters: the embedders and the mid head's feedback
+with torch.no_grad():
+    net.mid_feedback.weight.normal_()
+ref = copy.deepcopy(net)
+for unit in parallel.shard_units(net):  # as Composer shards the training wrapper's `net`
+    fully_shard(unit)
+fully_shard(net)
+wrapper = torch.nn.Module()
+wrapper.net = net
+parallel.register_forward_methods(wrapper)
+x, t, y = torch.randn(2, 3, 32, 48), torch.rand(2), torch.tensor([1, 10])
+for model in (net, ref):
+    v, hidden = model.forward_with_hidden(x, t, y, 1)
+    (v.square().mean() + hidden.square().mean()).backward()
+    model.out = v.detach()
+assert torch.equal(net.out, ref.out)
+for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+    torch.testing.assert_close(p.grad.full_tensor(), q.grad, msg=name)
+print("ok")
+"""
+
+
+def test_fsdp_runs_forward_with_hidden_like_forward(tmp_path):
+    """REPA calls net.forward_with_hidden; under FSDP2 the parameters `net` holds itself are gathered only in
+    hooks around forward(), unless parallel.register_forward_methods registers the method too. Without it the
+    call fails (mixed Tensor and DTensor); with it, forward and backward equal the unsharded network's."""
+    script = tmp_path / "forward_with_hidden.py"
+    script.write_text(FORWARD_WITH_HIDDEN)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
