@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/python -m dip_scale.demo
 
 test: setup
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=30
 
 lint: setup
 	$(BIN)/ruff check .

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dip_scale.data.synthetic import synthetic_image
-from dip_scale.diffusion.flow import FlowMatching
+from dip_scale.diffusion.flow import FlowMatching, velocity_loss
 from dip_scale.diffusion.sampler import SamplerConfig, sample, sample_noise
 from dip_scale.models.dip import DiPConfig, build_model
 
@@ -112,7 +112,8 @@ def train(config: DiPConfig, x: torch.Tensor, y: torch.Tensor, a: argparse.Names
     for step in range(a.steps):
         idx = torch.randint(0, x.shape[0], (a.batch,), generator=order)
         seeds = [a.seed * 1_000_003 + step * a.batch + i for i in range(a.batch)]
-        loss = flow.loss(net, x[idx], y[idx], seeds=seeds)["loss"]
+        inputs = flow.training_inputs(x[idx], y[idx], seeds)
+        loss = velocity_loss(net(inputs.x_t, inputs.t, inputs.y), inputs.v)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

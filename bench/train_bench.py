@@ -13,8 +13,9 @@ callbacks, precision, torch.compile and activation checkpointing through train/p
 Trainer.fit. Two substitutions keep storage out of the timing: batches come from memory (uint8 images,
 labels, sample ids, as the streaming loader delivers them), and the checkpoint saver is detached (it would
 write a checkpoint at the end of every timed round; between its save steps its per-step work is a modulo).
-(b) does the same work with nothing around it: uint8 -> [-1, 1], FlowMatching.loss with the same per-sample
-seeds, backward, torch.optim.AdamW, ema_update; same model, precision, compilation and checkpointing.
+(b) does the same work with nothing around it: uint8 -> [-1, 1], the flow-matching loss with the same
+per-sample seeds, backward, torch.optim.AdamW, ema_update; same model, precision, compilation and
+checkpointing.
 
 Timing: after one untimed round each, rounds alternate (a, b, a, b, ...); a round runs `--warmup` untimed
 steps and then `--steps` timed steps, the device synchronised only at the two ends. Medians over rounds.
@@ -42,9 +43,8 @@ from unittest import mock
 import torch
 
 from dip_scale.diffusion.ema import ema_update, local_tensors, make_ema
-from dip_scale.diffusion.flow import FlowMatching, sample_seeds
-from dip_scale.models.detailer import channels_last_weights
-from dip_scale.models.dip import PRESETS, build_model
+from dip_scale.diffusion.flow import FlowMatching, sample_seeds, velocity_loss
+from dip_scale.models import PRESETS, build_model, channels_last_weights
 from dip_scale.models.dit import DiTBlock
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,8 +183,7 @@ class ComposerPath:
         recipe_file.write_text(bench_recipe_yaml(s, workdir))
         recipe = load_recipe(recipe_file)
         self.loader = MemoryBatches(s)
-        with mock.patch.object(build, "check_data", lambda recipe: None), \
-                mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
+        with mock.patch.object(build, "build_dataloader", lambda recipe, per_rank: self.loader):
             self.trainer, _ = build.build_trainer(recipe)
         callbacks = self.trainer.state.callbacks
         callbacks[:] = [c for c in callbacks if not isinstance(c, CheckpointSaver)]
@@ -262,7 +261,8 @@ class BareLoop:
         y = labels.to(self.device, non_blocking=True)
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.settings.amp else contextlib.nullcontext())
         with amp:
-            loss = self.flow.loss(self.net, x, y, seeds=seeds)["loss"]
+            inputs = self.flow.training_inputs(x, y, seeds)
+            loss = velocity_loss(self.net(inputs.x_t, inputs.t, inputs.y), inputs.v)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -21,8 +21,14 @@
 #   SBATCH_*       sbatch's own variables (SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ...)
 #
 # Exit status and requeue: 0 done; 2 bad recipe and 3 non-finite loss are final (never requeued); 75
-# means the trainer checkpointed on a preemption warning: the job requeues itself while fewer than
-# MAX_RESTARTS restarts happened ($SLURM_RESTART_COUNT). Any other status is a crash, not requeued.
+# means the trainer checkpointed on a preemption warning, 76 that the ranks lost contact with each other (a
+# node or its launcher died, or the network failed for longer than train.dist_timeout): the job requeues
+# itself while fewer than MAX_RESTARTS restarts happened ($SLURM_RESTART_COUNT) and resumes from the last
+# checkpoint. Any other status is a crash, not requeued. Each node's launcher writes its own status
+# (launch_node.sh); a node whose ranks crashed outweighs nodes that only lost contact with it, so LOG_ROOT
+# must be on a file system all nodes share (the default, under the submission folder). After Slurm's SIGTERM
+# (scancel, time limit, a node it declared dead) Slurm decides: it requeues the job itself after a node
+# failure (--requeue) and the log says so.
 #
 # ---- edit the allocation here (command-line flags of sbatch override these lines) -------------------
 #SBATCH --job-name=dip-train
@@ -65,13 +71,28 @@ on_signal() {
   fi
   stop_signal=$sig
   if [ "$sig" = TERM ]; then
-    # Slurm sends SIGTERM to every process of the job at once (time limit, preemption, scancel).
-    log "received SIGTERM: Slurm is ending the job"
+    # Slurm sends SIGTERM to every process of the job at once (time limit, preemption, scancel, node failure),
+    # and SIGKILL KillWait seconds later: say now what Slurm did, this shell may not live to say it later.
+    log "received SIGTERM: Slurm is ending the job; $(slurm_verdict)"
   elif [ -n "$step_pid" ]; then
     log "received SIG$sig: asking the trainer to checkpoint and stop"
     kill -USR1 "$step_pid" 2>/dev/null  # srun passes it to every process of the training step
   else
     log "received SIG$sig before training started"
+  fi
+}
+# What Slurm has decided about this job, for the log: whether it requeued it itself (node failure, preemption
+# with PreemptMode=REQUEUE; it then resumes from the last checkpoint) or not (cancelled, out of time).
+slurm_verdict() {
+  local job now slurm_restarts
+  job=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null)
+  now=$(grep -o 'JobState=[^ ]* Reason=[^ ]*' <<<"$job")
+  slurm_restarts=$(sed -n 's/.* Restarts=\([0-9]*\).*/\1/p' <<<"$job")
+  if [ "${slurm_restarts:-0}" -gt "$restarts" ]; then
+    echo "Slurm has requeued the job itself (restart $slurm_restarts, $now): it resumes from the last checkpoint"
+  else
+    echo "not requeued ($now): Slurm requeues a job itself only after a node failure or a preemption with" \
+         "PreemptMode=REQUEUE; cancelled or out of time, it stays ended"
   fi
 }
 trap 'on_signal USR1' USR1
@@ -165,8 +186,44 @@ while :; do
   break
 done
 
+# ---- what happened: each node's launcher wrote its status (launch_node.sh); a node without one lost its
+# launcher (killed, or the node died). Read only after srun: the decision below must not race the nodes.
+summary="" final="" crash="" lost="" preempted="" found=0
+for ((node = 0; node < NNODES; node++)); do
+  code=none
+  if [ -f "$LOG_DIR/node$node.status" ]; then code=$(<"$LOG_DIR/node$node.status"); found=1; fi
+  summary+="${summary:+, }node $node: $code"
+  case $code in
+    0) ;;
+    2|3) final=${final:-$code} ;;
+    75) preempted=1 ;;
+    76|none) lost=1 ;;
+    *) crash=${crash:-$code} ;;
+  esac
+done
+if [ "$status" -ne 0 ] && [ "$found" = 1 ]; then
+  log "node exit statuses: $summary (srun: $status)"
+  if [ -n "$final" ]; then status=$final
+  elif [ -n "$crash" ]; then status=$crash
+  elif [ -n "$lost" ]; then status=76
+  elif [ -n "$preempted" ]; then status=75
+  fi
+fi
+
+if [ "$stop_signal" = TERM ]; then
+  # Slurm ended the job (scancel, time limit, preemption without warning, a node it declared dead) and decides
+  # itself whether it runs again: after a node failure or a preemption with PreemptMode=REQUEUE it requeues
+  # the job (--requeue), which then resumes from the newest checkpoint; cancelled or out of time, it stays ended.
+  log "training ended by Slurm's SIGTERM (exit $status); $(slurm_verdict)"
+  exit "$status"
+fi
+
 case $status in
   0) log "training complete" ;;
+  76)
+    log "the ranks lost contact with each other (exit 76: a node or its launcher died, or the network failed" \
+        "for longer than train.dist_timeout); the last checkpoint stands"
+    requeue ;;
   75) log "training stopped for a requeue (exit 75)"; requeue ;;
   2) log "the recipe or its inputs were rejected (exit 2, see the error above): not requeued" ;;
   3) log "stopped on a non-finite loss (exit 3, last good state checkpointed): not requeued" ;;

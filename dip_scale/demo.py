@@ -183,8 +183,9 @@ def explain(real_weights: bool, held_out: dict, real: dict) -> None:
   comparable with published FIDs.""")
     print(f"""  Class accuracy: the share of samples that a classifier of the ten synthetic classes assigns to the
   class they were drawn for, both by texture (a CNN that cannot see colour) and by colours (the two dominant
-  colours). On {held_out.get('num_images', '?')} held-out real images it scores {percent(held_out.get('class_accuracy'))} \
-(texture {percent(held_out.get('texture_accuracy'))}, colours {percent(held_out.get('colour_accuracy'))}).""")
+  colours). On {held_out.get('num_images', '?')} held-out real images it scores \
+{percent(held_out.get('class_accuracy'))} (texture {percent(held_out.get('texture_accuracy'))}, colours \
+{percent(held_out.get('colour_accuracy'))}).""")
 
 
 def tool(name: str) -> str:

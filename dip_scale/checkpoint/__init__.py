@@ -12,26 +12,26 @@ Nothing here imports the trainer; training writes checkpoints through train/call
 
 from dip_scale.checkpoint.export import load_export, resolve_export, write_export
 from dip_scale.checkpoint.find import (
-                                       checkpoint_folder,
-                                       fetch_checkpoint,
-                                       find_resume_checkpoint,
-                                       resolve_checkpoint,
-                                       resume_candidates,
+    checkpoint_folder,
+    fetch_checkpoint,
+    find_resume_checkpoint,
+    resolve_checkpoint,
+    resume_candidates,
 )
 from dip_scale.checkpoint.layout import (
-                                       CHECKPOINTS,
-                                       LATEST,
-                                       MANIFEST,
-                                       RECIPE,
-                                       checkpoint_name,
-                                       describe_files,
-                                       load_target,
-                                       local_checkpoints,
-                                       newest_complete,
-                                       read_manifest,
-                                       step_of,
-                                       verify_local,
-                                       write_manifest,
+    CHECKPOINTS,
+    LATEST,
+    MANIFEST,
+    RECIPE,
+    checkpoint_name,
+    describe_files,
+    load_target,
+    local_checkpoints,
+    newest_complete,
+    read_manifest,
+    step_of,
+    verify_local,
+    write_manifest,
 )
 from dip_scale.checkpoint.load import load_model
 from dip_scale.checkpoint.upload import Uploader

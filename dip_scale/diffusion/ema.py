@@ -1,4 +1,5 @@
-"""Exponential moving average of the weights, in float32 (DIP_SPEC.md section 3: decay 0.9999 every step).
+"""Exponential moving average of the weights, in float32 (docs/dip.md, "Recipe": decay 0.9999
+every step).
 
 The average is a frozen copy of the network. The training wrapper registers it as a submodule, so every
 parallel strategy shards, checkpoints and restores it exactly like the live weights (FSDP shards it

@@ -1,4 +1,4 @@
-"""Rectified-flow objective of DiP (DIP_SPEC.md section 2, as in the released code).
+"""Rectified-flow objective of DiP, as in the released code (docs/dip.md, "Objective").
 
     x_t = t * x + (1 - t) * eps,  eps ~ N(0, I),  t = sigmoid(n), n ~ N(0, 1)   (t = 0 is pure noise)
     target v = x - eps;  loss = mean((v_hat - v)^2)
@@ -10,6 +10,12 @@ The random draws of a sample (t, eps, label drop) can come from a per-sample see
 seed from (run seed, epoch, sample id), so a sample gets the same draws whichever rank, micro-batch or world
 size processes it: runs on 1, 2 or N ranks, and runs resumed on another rank count, follow the same loss
 curve.
+
+    inputs = flow.training_inputs(x, y, seeds)              # x_t, t, labels after dropout, target v
+    loss = velocity_loss(net(inputs.x_t, inputs.t, inputs.y), inputs.v)
+
+This file holds the pieces; the training wrapper (dip_scale.train.module) calls the network and adds the
+REPA term (dip_scale.diffusion.repa) to this one.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -25,6 +30,14 @@ class Draws:
     t: torch.Tensor  # (B,) in (0, 1)
     eps: torch.Tensor  # (B, 3, H, W)
     drop: torch.Tensor  # (B,) bool: replace the label by the null class
+
+
+@dataclass
+class FlowInputs:
+    x_t: torch.Tensor  # (B, 3, H, W) the noisy images
+    t: torch.Tensor  # (B,) their times
+    y: torch.Tensor  # (B,) labels, the dropped ones replaced by the null class
+    v: torch.Tensor  # (B, 3, H, W) the target velocity x - eps
 
 
 def sample_seeds(seed: int, epoch: int, sample_ids: torch.Tensor) -> list[int]:
@@ -68,21 +81,15 @@ class FlowMatching:
         t_ = t.view(-1, *([1] * (x.ndim - 1)))
         return t_ * x + (1 - t_) * eps, x - eps
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: list[int] | None = None,
-             repa: nn.Module | None = None, repa_block: int = 8, patch_size: int = 16) -> dict[str, torch.Tensor]:
-        """Training loss on clean images x in [-1, 1] (B, 3, H, W) and labels y (B,).
-
-        With REPA, the hidden state after `repa_block` blocks (a grid of patch_size patches) is aligned to
-        the frozen encoder's features of x. Returns {"loss", "flow"} and, with REPA, {"repa"} (already
-        weighted); "loss" is their sum."""
+    def training_inputs(self, x: torch.Tensor, y: torch.Tensor, seeds: list[int] | None = None) -> FlowInputs:
+        """What the network sees and must predict for clean images x in [-1, 1] (B, 3, H, W) and labels y
+        (B,): one draw of (t, eps, label drop) per sample, from `seeds` when given."""
         d = self.draw(tuple(x.shape), x.device, seeds)
         x_t, v = self.interpolate(x, d.eps.to(x.dtype), d.t)
         y = torch.where(d.drop, torch.full_like(y, self.num_classes), y)
-        if repa is None:
-            v_hat = model(x_t, d.t, y)
-            flow = (v_hat.float() - v.float()).pow(2).mean()
-            return {"loss": flow, "flow": flow}
-        v_hat, hidden = model(x_t, d.t, y, feature_block=repa_block)
-        flow = (v_hat.float() - v.float()).pow(2).mean()
-        repa_loss = repa(hidden, x, (x.shape[-2] // patch_size, x.shape[-1] // patch_size))
-        return {"loss": flow + repa_loss, "flow": flow, "repa": repa_loss}
+        return FlowInputs(x_t=x_t, t=d.t, y=y, v=v)
+
+
+def velocity_loss(v_hat: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mean((v_hat - v)^2) over batch, channels and pixels, in float32."""
+    return (v_hat.float() - v.float()).pow(2).mean()

@@ -1,9 +1,9 @@
-"""REPA: align an intermediate DiT hidden state with frozen DINOv2 features (DIP_SPEC.md section 2).
+"""REPA: align an intermediate DiT hidden state with frozen DINOv2 features (docs/dip.md, "REPA").
 
-    encoder = load_repa_encoder()                     # frozen DINOv2 ViT-B/14, float32, eval mode
-    repa = REPA(hidden_size=1152, encoder=encoder)    # trainable projector D -> D -> D -> 768
-    v_hat, hidden = model(x_t, t, y, feature_block=8) # hidden (B, N, D) after block 8
-    loss = flow_loss + repa(hidden, x, grid)          # repa(...) = 0.5 * mean(1 - cos(proj, target))
+    encoder = load_repa_encoder()                          # frozen DINOv2 ViT-B/14, float32, eval mode
+    repa = REPA(hidden_size=1152, encoder=encoder)         # trainable projector D -> D -> D -> 768
+    v_hat, hidden = model.forward_with_hidden(x_t, t, y, 8)   # hidden (B, h, w, D) after block 8
+    loss = flow_loss + repa(hidden, x)                     # repa(...) = 0.5 * mean(1 - cos(proj, target))
 
 Targets: the clean image x in [-1, 1] is mapped to [0, 1], normalised with the ImageNet mean/std and
 bicubic-resized to (h*14, w*14), so that the encoder's 14-pixel patch grid equals the DiT's h x w token grid
@@ -302,18 +302,18 @@ class REPA(nn.Module):
         x = F.interpolate(x, size=(h * P, w * P), mode="bicubic", align_corners=False)  # (B, 3, h*P, w*P)
         return encoder(x)  # (B, N, E)
 
-    def forward(self, hidden: torch.Tensor, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """weight * mean(1 - cos(projector(hidden), encoder_features(images, grid))), a scalar.
 
-        hidden: (B, N, D) DiT hidden state, tokens row-major on the h x w grid; images: (B, 3, H, W) clean
-        images in [-1, 1] (the data x, not the noisy x_t)."""
-        h, w = grid
-        if hidden.ndim != 3 or hidden.shape[1] != h * w:
-            raise ValueError(f"hidden must be (B, {h * w}, D) for a {h}x{w} grid, got {tuple(hidden.shape)}")
+        hidden: (B, h, w, D) DiT hidden state on its h x w token grid (DiP.forward_with_hidden); images:
+        (B, 3, H, W) clean images in [-1, 1] (the data x, not the noisy x_t), resized to the grid here."""
+        if hidden.ndim != 4:
+            raise ValueError(f"hidden must be a token grid (B, h, w, D), got shape {tuple(hidden.shape)}")
         if images.ndim != 4 or images.shape[0] != hidden.shape[0] or images.shape[1] != 3:
             raise ValueError(f"images must be ({hidden.shape[0]}, 3, H, W), got {tuple(images.shape)}")
+        grid = (hidden.shape[1], hidden.shape[2])
         target = self.encoder_features(images, grid)  # (B, N, E)
-        projected = self.projector(hidden)  # (B, N, E)
+        projected = self.projector(hidden.flatten(1, 2))  # (B, N, E), tokens row-major as the encoder's
         return self.weight * alignment_loss(projected, target)
 
 

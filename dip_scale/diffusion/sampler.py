@@ -1,7 +1,7 @@
 """ODE sampler for the rectified flow: integrate dx/dt = v(x, t, y) from t = 0 (noise) to t = 1 (data).
 
 Classifier-free guidance is batched (cond and uncond in one forward) and applied only while t lies inside
-the guidance interval [lo, hi] (DIP_SPEC.md section 4); outside it, only the conditional half is run.
+the guidance interval [lo, hi] (docs/dip.md, "Sampling"); outside it, only the conditional half is run.
 
     cfg = SamplerConfig(steps=100, guidance_scale=2.9, guidance_interval=(0.11, 0.97))
     x = sample(model, sample_noise(range(8), (3, 256, 256), seed=0), labels, cfg, null_class=1000)
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dip_scale.models.detailer import channels_last_weights
+from dip_scale.models import channels_last_weights
 
 METHODS = ("euler", "heun")
 

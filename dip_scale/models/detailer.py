@@ -1,20 +1,34 @@
 """Patch Detailer Heads: small networks that run on every patch independently (batch B*N) and turn the
-DiT token of a patch plus the raw noisy pixels of that patch into the patch's velocity.
+DiT token of a patch plus the raw noisy pixels of that patch into the patch's velocity (docs/dip.md).
 
-- PatchDetailerUNet: the paper's head (DIP_SPEC.md section 1), a conv U-Net whose bottleneck takes the
-  DiT token. Its module names equal the released checkpoint's `local_decoder.*` names.
-- MLPDetailer, AttentionDetailer: the ablation heads of the paper's Table (plain MLP; attention among
-  the pixels of one patch).
+- PatchDetailerUNet: the paper's head, a conv U-Net whose bottleneck takes the DiT token. Its module
+  names equal the released checkpoint's `local_decoder.*` names.
+- MLPDetailer, AttentionDetailer, CoordMLPDetailer: the other designs of the paper's ablation of head
+  designs (a plain MLP on the patch; attention among the pixels of one patch; a coordinate-based MLP that
+  predicts each pixel from its position in the patch).
 
 Every head: forward(patches (B, N, C*P*P), s (B, N, D)) -> (B, N, C*P*P), patches flattened as
-dip_scale.models.dit.patchify does.
+dip_scale.models.dit.patchify does. A head reads only its own patch and that patch's token, so a patch's
+output depends on the rest of the image only through the trunk.
+
+One knob sizes every head, `width` of make_head (DiPConfig.detailer_width): the U-Net's base width (64 in
+the paper), and for the ablation heads a hidden width scaled from it. At width 64 on DiP-XL/16 the U-Net has
+6.97M parameters and costs 34 GFLOPs an image; the MLP about half its parameters (3.8M, 2 GFLOPs), the
+attention and coordinate-MLP heads about half its compute (22 and 18 GFLOPs, 0.19M and 0.43M parameters,
+their weights shared by every pixel). docs/dip.md has the table.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's head: a conv U-Net per patch
+# ----------------------------------------------------------------------------------------------------
 
 
 def _conv_silu(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:
@@ -53,7 +67,7 @@ class PatchDetailerUNet(nn.Module):
         # Channels-last (NHWC) activations: cuDNN's tensor-core convolutions work in NHWC, and NCHW tensors
         # make it transpose activations in and out of each conv (docs/perf_log.md). Convolutions keep their
         # input's layout. The weights are NCHW by default (FSDP2 shards only contiguous parameters);
-        # `channels_last_weights` converts them where the parameters are not sharded. Same function.
+        # dip_scale.models.channels_last_weights converts them where the parameters are not sharded.
         x = patches.reshape(B * N, C, P, P).contiguous(memory_format=torch.channels_last)  # (BN, 3, P, P)
         b = P // 16
         token = s.reshape(B * N, D, 1, 1).expand(B * N, D, b, b)  # (BN, D, P/16, P/16)
@@ -73,19 +87,13 @@ class PatchDetailerUNet(nn.Module):
         return out.reshape(B, N, C * P * P)
 
 
-def channels_last_weights(net: nn.Module) -> nn.Module:
-    """Put the conv head's weights in channels-last order (in place; returns `net`). With NHWC weights too,
-    cuDNN runs the whole U-Net without layout transposes: on an H200 the eager DiP-XL/16 training step went
-    from 173 to 185 img/s (docs/perf_log.md). Only for unsharded parameters (ddp, sampling): FSDP2 refuses
-    non-contiguous parameters, and DeepSpeed flattens them. load_state_dict keeps the layout."""
-    for module in net.modules():
-        if isinstance(module, PatchDetailerUNet):
-            module.to(memory_format=torch.channels_last)
-    return net
+# ----------------------------------------------------------------------------------------------------
+# Ablation heads
+# ----------------------------------------------------------------------------------------------------
 
 
 class MLPDetailer(nn.Module):
-    """Ablation: an MLP on [raw patch pixels, DiT token] of each patch."""
+    """A plain MLP on [raw patch pixels, DiT token] of each patch: Linear, SiLU, Linear, SiLU, Linear."""
 
     def __init__(self, patch_size: int, hidden_size: int, in_channels: int = 3, width: int = 1024):
         super().__init__()
@@ -101,6 +109,8 @@ class MLPDetailer(nn.Module):
 
 
 class _PixelBlock(nn.Module):
+    """Pre-norm transformer block over the pixels of one patch (LayerNorm, attention, GELU MLP)."""
+
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -119,11 +129,14 @@ class _PixelBlock(nn.Module):
 
 
 class AttentionDetailer(nn.Module):
-    """Ablation: self-attention among the P*P pixels of one patch, conditioned on the DiT token."""
+    """Self-attention among the P*P pixels of one patch: each pixel's RGB, a learned position embedding and
+    the patch's DiT token are embedded and summed, then `depth` transformer blocks, then a linear read-out.
+    Attention heads of 16 channels (4 at width 64), or one head when the width is not a multiple of 16."""
 
     def __init__(self, patch_size: int, hidden_size: int, in_channels: int = 3, width: int = 64,
-                 depth: int = 2, num_heads: int = 4):
+                 depth: int = 2):
         super().__init__()
+        num_heads = width // 16 if width % 16 == 0 else 1
         self.patch_size = patch_size
         self.in_channels = in_channels
         self.pixel_in = nn.Linear(in_channels, width)
@@ -145,4 +158,74 @@ class AttentionDetailer(nn.Module):
         return out.transpose(1, 2).reshape(B, N, C * L)
 
 
-DETAILER_HEADS = {"unet": PatchDetailerUNet, "mlp": MLPDetailer, "attention": AttentionDetailer}
+def coordinate_features(patch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position of every pixel inside a P x P patch, (P*P, 2 + 4K) in row-major pixel order.
+
+    Pixel centres u (column) and v (row) in (-1, 1), then sin and cos of 2^k pi u and 2^k pi v for
+    k = 0..K-1, K = ceil(log2 P): the highest octave has a 2-pixel period, the patch's Nyquist frequency.
+    A plain MLP on (u, v) alone only fits smooth functions of position (spectral bias)."""
+    P = patch_size
+    centres = (torch.arange(P, device=device, dtype=torch.float32) + 0.5) * (2.0 / P) - 1.0  # (P,)
+    v, u = torch.meshgrid(centres, centres, indexing="ij")  # (P, P) each: row, column
+    uv = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)  # (P*P, 2)
+    octaves = max(1, math.ceil(math.log2(P)))
+    freqs = math.pi * 2.0 ** torch.arange(octaves, device=device, dtype=torch.float32)  # (K,)
+    angles = (uv[:, :, None] * freqs).reshape(P * P, 2 * octaves)  # (P*P, 2K): u octaves, then v octaves
+    return torch.cat([uv, angles.sin(), angles.cos()], dim=-1).to(dtype)  # (P*P, 2 + 4K)
+
+
+class CoordMLPDetailer(nn.Module):
+    """A coordinate-based MLP (a neural field over the patch): the same MLP predicts every pixel's velocity
+    from [the patch's DiT token, Fourier features of the pixel's position in the patch, the pixel's own
+    noisy RGB]. The first layer, a Linear on that concatenation, is computed as the sum of one Linear per
+    part (the same function), so the token's part runs once per patch instead of once per pixel. Then
+    SiLU and `depth - 1` hidden Linear + SiLU layers, and Linear(width -> 3)."""
+
+    def __init__(self, patch_size: int, hidden_size: int, in_channels: int = 3, width: int = 256, depth: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        coord_dim = coordinate_features(patch_size, device="meta").shape[-1]
+        self.token_in = nn.Linear(hidden_size, width)  # carries the first layer's bias
+        self.coord_in = nn.Linear(coord_dim, width, bias=False)
+        self.pixel_in = nn.Linear(in_channels, width, bias=False)
+        self.hidden = nn.ModuleList([nn.Linear(width, width) for _ in range(depth - 1)])
+        self.out = nn.Linear(width, in_channels)
+
+    def forward(self, patches: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        B, N, _ = patches.shape
+        C, L = self.in_channels, self.patch_size * self.patch_size
+        pixels = patches.reshape(B, N, C, L).transpose(2, 3)  # (B, N, L, C), row-major pixels
+        coords = coordinate_features(self.patch_size, patches.device, patches.dtype)  # (L, 2 + 4K)
+        token = self.token_in(s.to(patches.dtype)).unsqueeze(2)  # (B, N, 1, W), once per patch
+        z = F.silu(self.pixel_in(pixels) + self.coord_in(coords) + token)  # (B, N, L, W)
+        for layer in self.hidden:
+            z = F.silu(layer(z))  # (B, N, L, W)
+        out = self.out(z)  # (B, N, L, C)
+        return out.transpose(2, 3).reshape(B, N, C * L)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a head by name
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_head(kind: str, patch_size: int, hidden_size: int, width: int) -> nn.Module:
+    """The head `kind` for P x P patches and D-wide tokens, sized by `width` (DiPConfig.detailer_width):
+    unet base width = width (64..512 at 64); mlp hidden = 16 x width (1024 at 64); attention width = width,
+    2 blocks, heads of 16 channels; coord_mlp hidden = 4 x width (256 at 64), 3 layers."""
+    if kind == "unet":
+        return PatchDetailerUNet(patch_size, hidden_size, base_width=width)
+    if kind == "mlp":
+        return MLPDetailer(patch_size, hidden_size, width=16 * width)
+    if kind == "attention":
+        return AttentionDetailer(patch_size, hidden_size, width=width)
+    if kind == "coord_mlp":
+        return CoordMLPDetailer(patch_size, hidden_size, width=4 * width)
+    raise ValueError(f"unknown detailer head {kind!r}; expected one of {HEADS}")
+
+
+HEADS = ("unet", "mlp", "attention", "coord_mlp")
+
+__all__ = ["PatchDetailerUNet", "MLPDetailer", "AttentionDetailer", "CoordMLPDetailer", "HEADS", "make_head",
+           "coordinate_features"]

@@ -1,4 +1,4 @@
-"""The DiT backbone of DiP: a Diffusion Transformer on large pixel patches (DIP_SPEC.md section 1).
+"""The DiT backbone of DiP: a Diffusion Transformer on large pixel patches (docs/dip.md, "The trunk").
 
 Reads top to bottom: patchify helpers -> embedders -> RMSNorm and 2-D RoPE -> attention, SwiGLU ->
 block -> trunk. Plain PyTorch for one device; sharding, compilation and checkpointing are applied from
@@ -119,7 +119,8 @@ def rope_angles(grid: tuple[int, int], head_dim: int, theta: float = 10000.0, de
     Positions are scaled to [0, 16] along each axis whatever the grid size; complex pair m of a head vector
     turns by x * f_{m/2} for even m and y * f_{(m-1)/2} for odd m, f_j = theta^(-4j/d)."""
     h, w = grid
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim)
+    exponents = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim
+    freqs = 1.0 / theta ** exponents
     xs = torch.linspace(0, 16, w, dtype=torch.float32, device=device)
     ys = torch.linspace(0, 16, h, dtype=torch.float32, device=device)
     col = xs.repeat(h)  # (N,) token k sits at column k % w
@@ -220,11 +221,11 @@ class DiTBlock(nn.Module):
 
 
 class DiTTrunk(nn.Module):
-    """Patch tokens -> `depth` DiT blocks. No final norm: the head decides what to read.
+    """The trunk's parts: embedders, RoPE and `depth` DiT blocks. No final norm: the head decides what to read.
 
-    Returns the last hidden state h (B, N, D), the condition c (B, 1, D), the timestep embedding
-    t_emb (B, D) and, when `feature_block` is given, the hidden state after that many blocks (REPA aligns
-    the state after block 8; None otherwise)."""
+    DiP runs the blocks itself (models/dip.py), because what sits between them depends on the model: the
+    mid-network head placement adds its output after the middle block, and REPA reads the hidden state
+    after block 8."""
 
     def __init__(self, patch_size: int, hidden_size: int, depth: int, num_heads: int, num_classes: int,
                  mlp_ratio: float = 4.0, rope_theta: float = 10000.0):
@@ -241,15 +242,10 @@ class DiTTrunk(nn.Module):
         angles = rope_angles(grid, self.blocks[0].attn.head_dim, self.rope_theta, device=device)
         return angles.cos(), angles.sin()  # (N, d/2) each
 
-    def forward(self, patches: torch.Tensor, grid: tuple[int, int], t: torch.Tensor, y: torch.Tensor,
-                feature_block: int | None = None):
+    def embed(self, patches: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        """Tokens h (B, N, D) of the patches, the condition c (B, 1, D) every block reads and the timestep
+        embedding t_emb (B, D) the heads read."""
         h = self.s_embedder(patches)  # (B, N, D)
         t_emb = self.t_embedder(t)  # (B, D)
         c = F.silu(t_emb + self.y_embedder(y)).unsqueeze(1)  # (B, 1, D)
-        rope = self.rope(grid, patches.device)
-        features = None
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, rope)  # (B, N, D)
-            if feature_block is not None and i + 1 == feature_block:
-                features = h
-        return h, c, t_emb, features
+        return h, c, t_emb

@@ -1,6 +1,6 @@
 """Converter between the authors' released DiP checkpoint and our DiP module.
 
-The released state dict names (DIP_SPEC.md section 1) map onto ours one to one:
+The released state dict names (docs/dip.md, "The released checkpoint") map onto ours one to one:
     s_embedder.*, t_embedder.*, y_embedder.*  -> trunk.<same>
     blocks.i.<...>.adaLN_modulation.0.*        -> trunk.blocks.i.<...>.adaLN_modulation.*
     blocks.i.*                                 -> trunk.blocks.i.*

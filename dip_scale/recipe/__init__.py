@@ -5,15 +5,16 @@ saved in a checkpoint, for sampling and evaluation) goes through the same valida
 """
 
 from dip_scale.recipe.load import (
-                                   ConfigError,
-                                   check_world_size,
-                                   load_recipe,
-                                   load_recipe_text,
-                                   model_config,
-                                   to_yaml,
-                                   validate,
+    ConfigError,
+    check_world_size,
+    load_recipe,
+    load_recipe_text,
+    model_config,
+    stall_timeout,
+    to_yaml,
+    validate,
 )
 from dip_scale.recipe.schema import Recipe
 
-__all__ = ["ConfigError", "Recipe", "check_world_size", "load_recipe", "load_recipe_text", "model_config", "to_yaml",
-           "validate"]
+__all__ = ["ConfigError", "Recipe", "check_world_size", "load_recipe", "load_recipe_text", "model_config",
+           "stall_timeout", "to_yaml", "validate"]

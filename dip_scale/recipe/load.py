@@ -25,6 +25,7 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed")
 FSDP_SHARDING = ("full", "grad_op", "hybrid")  # ZeRO-3, ZeRO-2, shard within a node + replicate across
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+REDUCE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -146,7 +147,9 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _positive(source, data__num_canonical_nodes=d.num_canonical_nodes)
     if d.download_retry < 0:
         raise ConfigError(f"{source}: data.download_retry must be >= 0, got {d.download_retry}")
-    _positive(source, data__download_timeout=d.download_timeout, data__stall_timeout=d.stall_timeout)
+    _positive(source, data__download_timeout=d.download_timeout)
+    if d.stall_timeout is not None:
+        _positive(source, data__stall_timeout=d.stall_timeout)
 
     o = recipe.optim
     _positive(source, optim__lr=o.lr, optim__eps=o.eps)
@@ -172,10 +175,17 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
               checkpoint__every=c.every, checkpoint__keep_last=c.keep_last, logging__log_every=lg.log_every)
     if t.device_microbatch_size is not None:
         _positive(source, train__device_microbatch_size=t.device_microbatch_size)
+    _positive(source, train__dist_timeout=t.dist_timeout)
+    if d.stall_timeout is not None and d.stall_timeout >= t.dist_timeout:
+        raise ConfigError(f"{source}: data.stall_timeout={d.stall_timeout:g} must be below train.dist_timeout="
+                          f"{t.dist_timeout:g}: the other ranks wait for a rank that waits for its data")
 
     p = recipe.parallelism
     _one_of(source, "parallelism.strategy", p.strategy, STRATEGIES)
     _one_of(source, "parallelism.fsdp.sharding", p.fsdp.sharding, FSDP_SHARDING)
+    _one_of(source, "parallelism.reduce_dtype", p.reduce_dtype, REDUCE_DTYPES)
+    if p.fsdp.replicas is not None and p.fsdp.replicas < 1:
+        raise ConfigError(f"{source}: parallelism.fsdp.replicas must be >= 1 or null, got {p.fsdp.replicas}")
     _one_of(source, "parallelism.deepspeed.stage", p.deepspeed.stage, (1, 2, 3))
     if p.deepspeed.offload_optimizer and p.strategy == "deepspeed" and p.deepspeed.stage == 1:
         raise ConfigError(f"{source}: parallelism.deepspeed.offload_optimizer needs stage 2 or 3")
@@ -214,12 +224,22 @@ def model_config(recipe: Recipe) -> DiPConfig:
     return DiPConfig(**fields)
 
 
+def stall_timeout(recipe: Recipe) -> float:
+    """data.stall_timeout, or its default: 80% of train.dist_timeout."""
+    d = recipe.data
+    return d.stall_timeout if d.stall_timeout is not None else 0.8 * recipe.train.dist_timeout
+
+
 def check_world_size(recipe: Recipe, world_size: int) -> tuple[int, int]:
     """Per-rank batch and gradient-accumulation steps for this world size (error if it does not divide)."""
     g = recipe.train.global_batch_size
     if g % world_size:
         raise ConfigError(f"train.global_batch_size={g} is not divisible by the world size {world_size}; "
                           f"choose a global batch that is a multiple of {world_size}")
+    fsdp = recipe.parallelism.fsdp
+    if recipe.parallelism.strategy == "fsdp" and fsdp.sharding == "hybrid" and fsdp.replicas \
+            and world_size % fsdp.replicas:
+        raise ConfigError(f"parallelism.fsdp.replicas={fsdp.replicas} does not divide the world size {world_size}")
     per_rank = g // world_size
     micro = recipe.train.device_microbatch_size or per_rank
     if per_rank % micro:

@@ -72,9 +72,10 @@ class DataConfig:
     each logged with the shard and the store; a store down for longer stops the run for a requeue (exit 75)."""
     download_timeout: float = 60.0
     """Seconds one shard download may take before it counts as failed (a stalled store)."""
-    stall_timeout: float = 240.0
+    stall_timeout: Optional[float] = None
     """Seconds a rank waits for its next batch, whatever the cause, before the run checkpoints and stops for a
-    requeue (exit 75). Keep it below train.dist_timeout: the other ranks wait for this one meanwhile."""
+    requeue (exit 75); None = 80% of train.dist_timeout (240 s by default). Below train.dist_timeout: the other
+    ranks wait for this one meanwhile."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,6 +149,11 @@ class TrainConfig:
     """What a non-finite loss or gradient does: stop (checkpoint the last good state, exit 3) or skip the step."""
     device: str = "auto"
     """auto, cpu or gpu."""
+    dist_timeout: float = 300.0
+    """Seconds a collective (gradient reduction, barrier, checkpoint agreement) may wait for the other ranks
+    before this rank gives up and exits with status 76: a hung or partitioned node then ends the job within
+    this time instead of holding every GPU. Larger than the longest stretch one rank works alone (rank 0
+    writing a monolithic checkpoint, one node downloading a checkpoint at resume) and than data.stall_timeout."""
 
 
 @dataclass
@@ -155,8 +161,11 @@ class FSDPConfig:
     """Composer's FSDP2 (parallelism.strategy=fsdp)."""
 
     sharding: str = "full"
-    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid (shard within a node,
-    replicate across nodes)."""
+    """full (ZeRO-3), grad_op (ZeRO-2: gradients and optimizer state sharded) or hybrid (ZeRO-3 within each
+    replica, replicas kept equal by an all-reduce of the gradient shards: see `replicas`)."""
+    replicas: Optional[int] = None
+    """hybrid: the number of replicas, the outer dimension of the (replicas, ranks per replica) device mesh;
+    None = the number of nodes (each node holds one copy, sharded over its ranks). Must divide the world size."""
 
 
 @dataclass
@@ -178,6 +187,10 @@ class ParallelConfig:
 
     strategy: str = "ddp"
     """ddp (data parallel), fsdp (FSDP2) or deepspeed (ZeRO)."""
+    reduce_dtype: str = "fp32"
+    """dtype of the gradient reduction between ranks: fp32, or bf16 (half the bytes on the network; ddp: a comm
+    hook, fsdp: FSDP2's reduce dtype, deepspeed: its communication_data_type). Gradients are summed in bf16
+    (8 bits of mantissa), then applied in fp32."""
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     """Options of strategy fsdp."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -34,6 +34,18 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file so that readers of `dst` see the old file or the whole new one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class LocalStore:
     """Files under a local folder; names passed to methods are relative, '/'-separated."""
 
@@ -78,15 +90,7 @@ class LocalStore:
         src = self.path(name)
         if not src.is_file():
             raise NotFound(f"no such file: {self.url_of(name)}")
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, local)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        copy_atomic(src, Path(local))
 
     def list(self, prefix: str = "") -> list[str]:
         """Names of all files whose name starts with `prefix` (a string prefix, as in S3), sorted."""
@@ -125,15 +129,7 @@ class LocalStore:
 
     def upload(self, local: str | Path, name: str) -> None:
         """Copy the local file `local` to `name` (atomically)."""
-        dst = self.path(name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        copy_atomic(Path(local), self.path(name))
 
     def delete_tree(self, name: str) -> None:
         """Remove folder `name` and everything below it (a missing folder is not an error)."""

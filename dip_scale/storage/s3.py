@@ -110,7 +110,7 @@ def _content_md5_instead_of_crc32(request, **_) -> None:
 def _translate(err: Exception, what: str, url: str) -> Exception:
     """A boto3/botocore error -> NotFound, PermissionError or StoreUnavailable (the error itself otherwise)."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
     cause = err.__context__ if isinstance(err, S3UploadFailedError) and err.__context__ is not None else err
     if isinstance(cause, ClientError):
@@ -125,6 +125,9 @@ def _translate(err: Exception, what: str, url: str) -> Exception:
         if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"):
             return StoreUnavailable(f"{what} {url} failed after retries ({code or status})")
         return err
+    if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
+        return PermissionError(f"{what} {url}: no AWS credentials found ({cause}); set AWS_PROFILE or "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or use an instance role")
     if isinstance(cause, (BotoCoreError, ConnectionError, TimeoutError)):
         return StoreUnavailable(f"{what} {url} failed after retries ({type(cause).__name__}: {cause})")
     return err

@@ -9,16 +9,18 @@
 To resume, run the same command again: the newest intact checkpoint of the run (local, or in the S3
 save folder) is found and training continues from it. Exit status: 0 done, 2 bad recipe or input,
 3 stopped on a non-finite loss, 75 preempted after a checkpoint, or a store unreachable at the start
-(requeue and rerun).
+(requeue and rerun), 76 lost contact with other ranks (a collective failed or waited longer than
+train.dist_timeout: another rank died, a node was lost, the network partitioned; requeue and rerun).
 """
 
 # A preemption can come at any moment of a start: before the heavy imports below, SIGTERM and SIGUSR1 already
 # mean "exit 75, try again later" (a requeue), not the default death by signal (143 / 138), which a job
 # script cannot tell from a crash. PreemptionCheckpoint takes over once training runs.
+import os
 import signal
 import sys
 
-from dip_scale.train.exits import EXIT_BAD_INPUT, EXIT_PREEMPTED, SIGNALS
+from dip_scale.train.exits import EXIT_BAD_INPUT, EXIT_LOST_RANKS, EXIT_PREEMPTED, SIGNALS
 
 
 def _leave(signum, frame):
@@ -26,7 +28,10 @@ def _leave(signum, frame):
         signal.signal(sig, signal.SIG_IGN)
     print(f"received {signal.Signals(signum).name} before training started: exiting with {EXIT_PREEMPTED}",
           file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    # Not sys.exit: the start may be inside a download whose worker threads wait on a stalled store, and the
+    # interpreter would wait for them at exit. Nothing is lost: downloads land under a temporary name first.
+    sys.stdout.flush()
+    os._exit(EXIT_PREEMPTED)
 
 
 def exit_on_signal() -> None:
@@ -38,10 +43,35 @@ exit_on_signal()
 
 import argparse  # noqa: E402  (after the handler: see above)
 import logging  # noqa: E402
-import os  # noqa: E402
 import warnings  # noqa: E402
 
 from dip_scale.recipe import ConfigError, check_world_size, load_recipe, model_config, to_yaml  # noqa: E402
+
+
+def die_with_launcher() -> None:
+    """A rank started by a launcher (composer, torchrun: they set LOCAL_RANK) is killed when the launcher dies,
+    instead of training on unnoticed as an orphan: its peers then see the connection close and stop too."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def lost_other_ranks(err: BaseException) -> bool:
+    """Whether `err` says that a collective failed because other ranks are gone or unreachable (a rank died, a
+    node was lost, the network partitioned, or the wait passed train.dist_timeout), not a fault of this rank."""
+    import torch.distributed as torch_dist
+
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, (torch_dist.DistBackendError, torch_dist.DistNetworkError, torch_dist.DistStoreError)):
+            return True
+        # gloo reports a peer gone or silent as a plain RuntimeError
+        if isinstance(e, RuntimeError) and any(text in str(e) for text in (
+                "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe")):
+            return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +103,7 @@ def dry_run(recipe) -> None:
 
 
 def main(argv=None) -> int:
+    die_with_launcher()
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -103,9 +134,9 @@ def main(argv=None) -> int:
     s3_compatible_defaults()
     try:
         check_inputs(recipe)
-        dist.initialize_dist(device_type(recipe))
+        dist.initialize_dist(device_type(recipe), timeout=recipe.train.dist_timeout)
         trainer, paths = build_trainer(recipe)
-    except ConfigError as err:
+    except (ConfigError, PermissionError) as err:  # a bad recipe, or credentials that may not do what it asks
         print(f"error: {err}", file=sys.stderr)
         ignore_signals()
         return EXIT_BAD_INPUT
@@ -113,6 +144,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         ignore_signals()
         return EXIT_PREEMPTED  # try again later: a requeue, not a fresh start
+    except Exception as err:
+        if not lost_other_ranks(err):
+            raise
+        return _lost(err)
     if int(trainer.state.timestamp.batch) >= recipe.train.max_steps:
         # A rerun (or a requeue) of a finished run: nothing left to train, only uploads to complete.
         finish_uploads(trainer)
@@ -123,10 +158,27 @@ def main(argv=None) -> int:
     except (Preempted, NonFiniteStop) as stop:
         trainer.close()
         return int(stop.code)
+    except Exception as err:
+        if not lost_other_ranks(err):
+            raise
+        return _lost(err)
     trainer.close()
     if dist.get_global_rank() == 0:
         print(f"run {recipe.run_name} complete at step {int(trainer.state.timestamp.batch)}: {paths.local_root}")
     return 0
+
+
+def _lost(err: BaseException) -> int:
+    """Leave at once: the process group is broken, so nothing collective (a checkpoint, a clean close) can run."""
+    from dip_scale.train.callbacks.preemption import ignore_signals
+
+    ignore_signals()
+    first = str(err).splitlines()[0] if str(err) else ""
+    print(f"error: lost contact with other ranks ({type(err).__name__}: {first}); exiting with {EXIT_LOST_RANKS}: "
+          "rerun (requeue) to resume from the last checkpoint", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(EXIT_LOST_RANKS)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dip_scale.diffusion.flow import FlowMatching
 from dip_scale.diffusion.repa import REPA, load_repa_encoder
 from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.models.dip import build_model
-from dip_scale.recipe import ConfigError, Recipe, check_world_size, model_config, to_yaml
+from dip_scale.recipe import ConfigError, Recipe, check_world_size, model_config, stall_timeout, to_yaml
 from dip_scale.storage import StoreUnavailable, atomic_write, is_remote, open_store
 from dip_scale.train import parallel
 from dip_scale.train.callbacks.checkpoint import CheckpointSaver
@@ -88,7 +88,7 @@ def build_dataloader(recipe: Recipe, per_rank_batch: int):
     return build(remote=d.remote, local=d.local, streams=streams, batch_size=per_rank_batch, shuffle=d.shuffle,
                  shuffle_seed=d.shuffle_seed, num_canonical_nodes=d.num_canonical_nodes, num_workers=d.num_workers,
                  output="uint8", return_index=True, download_retry=d.download_retry,
-                 download_timeout=d.download_timeout, stall_timeout=d.stall_timeout)
+                 download_timeout=d.download_timeout, stall_timeout=stall_timeout(recipe))
 
 
 def resolve_resume(recipe: Recipe, paths: RunPaths) -> tuple[int, str] | None:
@@ -156,7 +156,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     net = build_model(net_config)
     flow = FlowMatching(num_classes=net_config.num_classes, label_dropout=recipe.objective.label_dropout)
     model = DiPComposerModel(net, flow, seed=recipe.seed, repa=repa, repa_block=recipe.objective.repa.block)
-    parallelism = parallel.prepare(model, recipe)
+    parallelism = parallel.prepare(model, recipe, prec)
 
     ds = None
     if recipe.parallelism.strategy == "deepspeed":
@@ -233,8 +233,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         save_folder=None,
         python_log_level=None,
     )
-    if recipe.parallelism.strategy == "fsdp":
-        parallel.average_gradients_on_gloo(model)  # the Trainer has sharded it in place by now
+    parallel.after_trainer(trainer.state.model, model, recipe)  # DDP-wrapped, or sharded in place, by now
     return trainer, paths
 
 

@@ -26,9 +26,10 @@ then `optimizer.step(closure)`, where the closure runs each micro-batch as `mode
   checkpoint  `DeepSpeedWriter` is CheckpointSaver's writer: `engine.save_checkpoint` (each rank its own
             partition) into `step-N.tmp/deepspeed/`, and Composer's own state (timestamp, data position,
             callbacks, RNG of every rank) without model and optimizer into `state.pt` on rank 0. The saver
-            adds the manifest. `load_checkpoint` restores the engine (on the same number of ranks: ZeRO
-            partitions are per rank); Composer loads `state.pt` (load_path). dip_scale.checkpoint reads the
-            whole weights and EMA back without a process group, for sampling and evaluation.
+            adds the manifest. `load_checkpoint` restores the engine (on another number of ranks through
+            DeepSpeed's universal checkpoint format); Composer loads `state.pt` (load_path).
+            dip_scale.checkpoint reads the whole weights and EMA back without a process group, for sampling
+            and evaluation.
 
 Precision: mixed precision is Composer's autocast (train.precision bf16 -> amp_bf16), as under ddp and fsdp,
 and the engine itself runs in fp32 (master weights, gradients, reductions). DeepSpeed's own bf16 mode casts
@@ -51,6 +52,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +62,17 @@ from composer.utils import dist
 from composer.utils.checkpoint import save_checkpoint
 from torch import nn
 
+from dip_scale.checkpoint import read_weights
 from dip_scale.diffusion.ema import local_tensors
-from dip_scale.recipe import ConfigError, Recipe, check_world_size
+from dip_scale.recipe import Recipe, check_world_size
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "deepspeed"
 """Sub-folder of a checkpoint that holds the engine's files (`<tag>/...`)."""
 TAG = "zero"
+UNIVERSAL_TAG = "zero_universal"
+"""The same checkpoint in DeepSpeed's universal format, made when it is loaded on another number of ranks."""
 COMPOSER_STATE = "state.pt"
 
 
@@ -83,7 +90,7 @@ def ds_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "gpu"}
     if d.stage == 3:
         zero["stage3_param_persistence_threshold"] = d.param_persistence_threshold
-    return {
+    config = {
         "train_batch_size": recipe.train.global_batch_size,
         "train_micro_batch_size_per_gpu": per_rank // accum,
         "gradient_accumulation_steps": accum,
@@ -94,6 +101,9 @@ def ds_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
         "zero_optimization": zero,
         "gradient_clipping": 0.0,
     }
+    if recipe.parallelism.reduce_dtype == "bf16":
+        config["communication_data_type"] = "bf16"  # gradient reductions in bf16; master weights stay fp32
+    return config
 
 
 def initialize(model: nn.Module, recipe: Recipe, device_type: str) -> DeepSpeedRun:
@@ -262,14 +272,75 @@ class DeepSpeedWriter:
 
 
 def load_checkpoint(engine, folder: Path) -> None:
-    """Restore weights, EMA and optimizer state of every rank from a checkpoint folder (step-N/)."""
+    """Restore weights, EMA and optimizer state of every rank from a checkpoint folder (step-N/).
+
+    ZeRO partitions belong to the rank count that wrote them. On another rank count (a requeue onto fewer or
+    more nodes) the checkpoint is first converted to DeepSpeed's universal format (one file per parameter and
+    optimizer moment, `deepspeed/zero_universal/` next to the original, written once and kept), which loads
+    onto any partitioning."""
     manifest = json.loads((folder / "manifest.json").read_text())
     saved, now = manifest.get("world_size"), dist.get_world_size()
+    tag = TAG
     if saved != now:
-        raise ConfigError(f"checkpoint {folder} was written by {saved} DeepSpeed ranks; ZeRO partitions cannot "
-                          f"be loaded on {now}. Resume on {saved} ranks (or convert it with DeepSpeed's "
-                          "universal checkpoint tools)")
-    path, _ = engine.load_checkpoint(str(folder / CHECKPOINT_DIR), tag=TAG, load_module_strict=True,
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+        log.warning("checkpoint %s was written by %s DeepSpeed ranks and is loaded on %d: through DeepSpeed's "
+                    "universal checkpoint format", folder, saved, now)
+        tag = to_universal(folder / CHECKPOINT_DIR)
+    engine._config.load_universal_checkpoint = tag == UNIVERSAL_TAG  # read by load_checkpoint only
+    try:
+        path, _ = engine.load_checkpoint(str(folder / CHECKPOINT_DIR), tag=tag, load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder / CHECKPOINT_DIR}")
+    if tag == UNIVERSAL_TAG:
+        _restore_frozen(engine, folder)
+
+
+def _restore_frozen(engine, folder: Path) -> None:
+    """A universal load restores what the optimizer holds (weights and moments of trainable parameters) and
+    leaves frozen parameters, the EMA, as they were built: put them back from the original checkpoint. Rank 0
+    reads them; under ZeRO-3 GatheredParameters repartitions its values, below it they are broadcast."""
+    import deepspeed
+
+    frozen = [(name, p) for name, p in engine.module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return
+    rank0 = dist.get_global_rank() == 0
+    weights = read_weights(folder, trust=True)[0] if rank0 else {}  # our own run's checkpoint
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
+        if rank0:
+            with torch.no_grad():
+                for name, p in frozen:
+                    p.data.copy_(weights[name.replace("_checkpoint_wrapped_module.", "")].view_as(p.data))
+    if engine.zero_optimization_stage() < 3:
+        for _, p in frozen:
+            dist.broadcast(p.data, src=0)
+
+
+def to_universal(engine_dir: Path) -> str:
+    """Convert `engine_dir/zero` into `engine_dir/zero_universal` unless that exists; returns the tag to load.
+    Node after node, each node's first rank: where the nodes share the folder, the first conversion serves all."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = engine_dir / UNIVERSAL_TAG
+    error = None
+    for node in range(dist.get_world_size() // dist.get_local_world_size()):
+        if dist.get_local_rank() == 0 and dist.get_node_rank() == node and not out.is_dir() and error is None:
+            tmp = engine_dir / f"{UNIVERSAL_TAG}.tmp"
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                # One worker: no process pool forked from a rank that holds a process group.
+                ds_to_universal.main(Namespace(input_folder=str(engine_dir / TAG), output_folder=str(tmp),
+                                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                               strict=True, inject_missing_state=True))
+                tmp.rename(out)
+            except Exception as err:  # noqa: BLE001  (every rank must hear of it, or the others wait forever)
+                error = f"converting {engine_dir / TAG} to DeepSpeed's universal format failed: {err!r}"
+        dist.barrier()
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise RuntimeError(errors[0])
+    return UNIVERSAL_TAG

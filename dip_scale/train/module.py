@@ -1,5 +1,8 @@
 """The thin ComposerModel around DiP: batch -> flow-matching (+ REPA) loss. Nothing else lives here.
 
+The loss terms meet here: the rectified-flow pieces come from diffusion/flow.py, the alignment term from
+diffusion/repa.py, and the network is called through its interface (forward, forward_with_hidden).
+
 Submodules: `net` (the DiP being trained), `ema_net` (its float32 moving average, frozen; updated by
 callbacks/ema.py) and, with REPA, `repa` (the trainable projector; the frozen encoder is held outside the
 module tree so it is neither checkpointed nor sharded).
@@ -14,7 +17,7 @@ from composer.models import ComposerModel
 from torch import nn
 
 from dip_scale.diffusion.ema import make_ema
-from dip_scale.diffusion.flow import FlowMatching, sample_seeds
+from dip_scale.diffusion.flow import FlowMatching, sample_seeds, velocity_loss
 
 
 class DiPComposerModel(ComposerModel):
@@ -34,8 +37,14 @@ class DiPComposerModel(ComposerModel):
         # Shards ship uint8 pixels; normalising here keeps the work on the accelerator.
         x = images.float().div_(127.5).sub_(1.0) if images.dtype == torch.uint8 else images.float()
         seeds = sample_seeds(self.seed, self.epoch, sample_ids)
-        return self.flow.loss(self.net, x, labels, seeds=seeds, repa=self.repa, repa_block=self.repa_block,
-                              patch_size=self.net.config.patch_size)
+        inputs = self.flow.training_inputs(x, labels, seeds)
+        if self.repa is None:
+            flow = velocity_loss(self.net(inputs.x_t, inputs.t, inputs.y), inputs.v)
+            return {"loss": flow, "flow": flow}
+        v_hat, hidden = self.net.forward_with_hidden(inputs.x_t, inputs.t, inputs.y, self.repa_block)
+        flow = velocity_loss(v_hat, inputs.v)
+        repa = self.repa(hidden, x)  # aligned with the clean images' encoder features, already weighted
+        return {"loss": flow + repa, "flow": flow, "repa": repa}
 
     def loss(self, outputs, batch):
         # Composer backpropagates "total" and logs every entry as loss/train/<name>.

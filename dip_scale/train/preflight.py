@@ -81,7 +81,7 @@ def check_repa(recipe: Recipe) -> None:
 
 def check_eval(recipe: Recipe) -> None:
     e = recipe.eval
-    if not e.every:
+    if not e.every or e.every > recipe.train.max_steps:  # no evaluation in this run: nothing of it can fail
         return
     ref = str(e.reference)
     if not is_remote(ref):

@@ -1,9 +1,13 @@
-"""A real one-node Slurm cluster on localhost for the tests of cluster/: munged, slurmctld and slurmd
-started as root from a temporary folder (key, sockets, spool, state, logs and slurm.conf all inside it,
-free ports), and stopped at the end of the session.
+"""Real Slurm clusters for the tests of cluster/, started as root from a temporary folder (key, sockets, spool,
+state, logs and slurm.conf all inside it) and stopped at the end of the session:
 
-Without the binaries (Debian packages slurm-wlm and munge) or without root the tests are skipped with
-the reason, except when DIP_REQUIRE_SLURM=1 (set by .ci/run), where that is a failure.
+slurm          one node on localhost: munged, slurmctld and slurmd.
+slurm_hosts    two nodes, each a network namespace of tests/cluster/hosts.py with its own slurmd, hostname,
+               /etc/hosts and /dev/shm; slurmctld on the switch namespace (`head`), which the client commands
+               (sbatch, scontrol, ...) enter too. munged serves all of them through its socket file.
+
+Without the binaries (Debian packages slurm-wlm, munge; iproute2 for the hosts) or without root the tests are
+skipped with the reason, except when DIP_REQUIRE_SLURM=1 (set by .ci/run), where that is a failure.
 """
 
 from __future__ import annotations
@@ -55,11 +59,18 @@ def _real_memory_mb() -> int:
 
 
 class LocalSlurm:
-    """The daemons of a one-node cluster and helpers to submit and watch jobs."""
+    """The daemons of a cluster (one node on localhost, or one node per host of `hosts`) and helpers to submit
+    and watch jobs."""
 
-    def __init__(self, root: Path):
+    # Seconds without an answer from a node before slurmctld marks it DOWN: short on the hosts, whose nodes the
+    # tests kill; Slurm's default on localhost.
+    SLURMD_TIMEOUT = {True: 10, False: 300}
+
+    def __init__(self, root: Path, hosts=None):
         self.root = root
+        self.hosts = hosts
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = hosts.names if hosts else [self.host]
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket.2"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -83,18 +94,36 @@ class LocalSlurm:
                                f"--key-file={key}", f"--pid-file={m / 'munged.pid'}",
                                f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"])
         self._wait_for(lambda: self.munge_socket.exists(), "munged socket", 20)
-        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], host=None)
         self._wait_for(lambda: self._run("scontrol", "ping").returncode == 0 and
                        "UP" in self._run("scontrol", "ping").stdout, "slurmctld", 30)
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
-        self._wait_for(lambda: self.node_state() in ("idle", "mixed", "allocated"), "slurmd to register", 60)
+        for i in range(len(self.nodes)):
+            self.start_slurmd(i)
+        self._wait_for(lambda: all(self.node_state(n) in ("idle", "mixed", "allocated") for n in self.nodes),
+                       "slurmd to register", 60)
+
+    def start_slurmd(self, i: int) -> None:
+        """(Re)start node i's slurmd; it registers with slurmctld (ReturnToService=2 brings a DOWN node back)."""
+        self._spawn(f"slurmd@{self.nodes[i]}", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", self.nodes[i]],
+                    host=i)
+
+    def kill_node(self, i: int) -> None:
+        """Node i dies: its link goes first (nothing it sends reaches anyone, as with a power loss), then every
+        process on it, slurmd included."""
+        self.hosts.unplug(i)
+        self.hosts.kill(i)
+        self.procs.pop(f"slurmd@{self.nodes[i]}").wait()
+
+    def revive_node(self, i: int) -> None:
+        self.hosts.plug(i)
+        self.start_slurmd(i)
 
     def stop(self) -> None:
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self._run("scancel", "--full", "--user", "root")  # nothing of ours keeps running after the tests
-        for name in reversed(DAEMONS):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+        for name in reversed(list(self.procs)):  # slurmd(s), slurmctld, munged
+            proc = self.procs.pop(name)
+            if proc.poll() is not None:
                 continue
             proc.terminate()
             try:
@@ -104,11 +133,20 @@ class LocalSlurm:
                 proc.wait()
 
     def _slurm_conf(self) -> str:
-        mem = max(256, int(_real_memory_mb() * 0.8))
+        mem = max(256, int(_real_memory_mb() * 0.8 / len(self.nodes)))
         root, host = self.root, self.host
+        if self.hosts:
+            from tests.cluster.hosts import HEAD_ADDR
+
+            controller = f"head({HEAD_ADDR})"
+            nodes = [f"NodeName={n} NodeAddr={a} CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN"
+                     for n, a in zip(self.hosts.names, self.hosts.addrs)]
+        else:
+            controller = f"{host}(127.0.0.1)"
+            nodes = [f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN"]
         return "\n".join([
             "ClusterName=diptest",
-            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldHost={controller}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -117,11 +155,12 @@ class LocalSlurm:
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
             f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmdSpoolDir={root / 'spool' / '%n'}",  # %n: the node's name, one folder per slurmd
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
+            f"SlurmdTimeout={self.SLURMD_TIMEOUT[self.hosts is not None]}",
             f"PlugStackConfig={root / 'plugstack.conf'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -132,16 +171,19 @@ class LocalSlurm:
             "ReturnToService=2",
             "JobRequeue=1",
             "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` for the whole session
-            "KillWait=30",
+            f"KillWait={10 if self.hosts else 30}",  # SIGTERM to SIGKILL (a dead node's job waits for it)
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={mem} State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            *nodes,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], host: int | None = None) -> None:
+        """Start a daemon: on localhost, or on host `host` of the hosts (None: on `head`)."""
+        if self.hosts:
+            cmd = self.hosts.command(host, cmd)
         out = open(self.root / "log" / f"{name}.stdout", "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
@@ -161,6 +203,8 @@ class LocalSlurm:
     def daemon_logs(self, tail: int = 30) -> str:
         parts = []
         for f in sorted((self.root / "log").iterdir()):
+            if not f.is_file():
+                continue
             lines = f.read_text(errors="replace").splitlines()[-tail:]
             parts.append(f"--- {f.name}\n" + "\n".join(lines))
         return "\n".join(parts)
@@ -168,10 +212,14 @@ class LocalSlurm:
     # -- clients ------------------------------------------------------------------------------------
 
     def _run(self, *cmd: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True)
+        command = list(cmd)
+        if self.hosts:  # clients talk to slurmctld from `head`, the only place that reaches every node
+            command = ["nsenter", f"--net=/run/netns/{self.hosts.switch}", "--", *command]
+        return subprocess.run(command, cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True)
 
-    def node_state(self) -> str:
-        r = self._run("sinfo", "-h", "-N", "-o", "%T")
+    def node_state(self, node: str | None = None) -> str:
+        """State of one node (default: the first) as sinfo prints it, lower case, without its flags."""
+        r = self._run("sinfo", "-h", "-N", "-n", node or self.nodes[0], "-o", "%T")
         return r.stdout.strip().rstrip("*~#").lower() if r.returncode == 0 else ""
 
     def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> int:
@@ -210,6 +258,15 @@ class LocalSlurm:
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not done within {timeout}s; last state {job}\n" + self.daemon_logs())
 
+    def wait_idle(self, timeout: float = 600) -> None:
+        """Until no job is queued or running (e.g. before a node is made to fail)."""
+        deadline = time.monotonic() + timeout
+        while (jobs := self._run("squeue", "-h", "-o", "%i %T").stdout.split("\n")) and any(jobs):
+            for line in filter(None, jobs):
+                self.release_requeued(self.job(int(line.split()[0])))
+            assert time.monotonic() < deadline, f"jobs still queued after {timeout}s: {jobs}"
+            time.sleep(0.5)
+
     def release_requeued(self, job: dict[str, str]) -> None:
         """A requeued job waits ~120 s (Reason=BeginTime) before it may start again; start it after a few
         seconds instead.
@@ -229,19 +286,49 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "DEADLINE"}
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    reason = _missing_reason()
+def require(reason: str | None) -> None:
+    """Skip with `reason`, or fail when DIP_REQUIRE_SLURM=1 (CI must run these tests)."""
     if reason:
         if os.environ.get("DIP_REQUIRE_SLURM") == "1":
             pytest.fail(f"DIP_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    require(_missing_reason())
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def hosts(tmp_path_factory):
+    """Two hosts as network namespaces (tests/cluster/hosts.py), removed at the end of the session."""
+    from tests.cluster.hosts import Hosts, namespaces_possible
+
+    require(namespaces_possible())
+    with Hosts(2, tmp_path_factory.mktemp("hosts")) as created:
+        yield created
+
+
+@pytest.fixture(scope="session")
+def slurm_hosts(tmp_path_factory):
+    """A two-node Slurm cluster on two hosts of its own (not `hosts`: its faults must not reach other tests):
+    one slurmd per host, slurmctld on `head`."""
+    from tests.cluster.hosts import Hosts, namespaces_possible
+
+    require(_missing_reason() or namespaces_possible())
+    with Hosts(2, tmp_path_factory.mktemp("slurm-hosts")) as own_hosts:
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), hosts=own_hosts)
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,6 +354,7 @@ class TrainJob:
     workdir: Path
     save_folder: Path
     name: str
+    cluster: LocalSlurm
 
     @property
     def log(self) -> Path:
@@ -282,6 +370,33 @@ class TrainJob:
     def checkpoint(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step-{step:09d}"
 
+    def steps_logged(self) -> int:
+        """Lines in the run's metrics.jsonl: steps trained so far, counting those a resumed run trains again."""
+        path = self.run_dir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    def wait_log(self, text: str, timeout: float = 300) -> float:
+        """Poll until `text` is in the job log (releasing a requeued job as it goes); returns the time it took."""
+        started = time.monotonic()
+        while text not in self.log_text():
+            job = self.cluster.job(self.job_id)
+            self.cluster.release_requeued(job)
+            assert time.monotonic() - started < timeout, f"no {text!r} within {timeout}s: {job}\n{self.log_text()}"
+            assert job.get("JobState") not in FINAL, f"job ended before {text!r}: {job}\n{self.log_text()}"
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def wait_steps(self, more: int, timeout: float = 300) -> None:
+        """Poll until the run has logged `more` further steps (releasing a requeued job as it goes)."""
+        target = self.steps_logged() + more
+        started = time.monotonic()
+        while self.steps_logged() < target:
+            job = self.cluster.job(self.job_id)
+            self.cluster.release_requeued(job)
+            assert time.monotonic() - started < timeout, f"no step within {timeout}s: {job}\n{self.log_text()}"
+            assert job.get("JobState") not in FINAL, f"job ended: {job}\n{self.log_text()}"
+            time.sleep(0.05)
+
 
 def submit_train(slurm: LocalSlurm, workdir: Path, shards: Path, name: str, overrides=(), env=None,
                  sbatch_args=()) -> TrainJob:
@@ -291,7 +406,7 @@ def submit_train(slurm: LocalSlurm, workdir: Path, shards: Path, name: str, over
     job_id = slurm.sbatch("--gpus-per-node=0", f"--job-name={name}", *sbatch_args, str(TRAIN_SH), str(TINY),
                           f"data.remote={shards}", f"checkpoint.save_folder={save}", *TINY_OVERRIDES, *overrides,
                           cwd=workdir, env={**venv_env(), **(env or {})})
-    return TrainJob(job_id, workdir, save, name)
+    return TrainJob(job_id, workdir, save, name, slurm)
 
 
 def model_tensors(checkpoint: Path) -> dict:
@@ -311,6 +426,6 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_job(slurm, shards, tmp_path_factory) -> TrainJob:
-    """An uninterrupted training job, submitted once per session (not waited for here)."""
-    return submit_train(slurm, tmp_path_factory.mktemp("reference"), shards, "ref")
+def reference_job(slurm_hosts, shards, tmp_path_factory) -> TrainJob:
+    """An uninterrupted training job on two nodes, submitted once per session (not waited for here)."""
+    return submit_train(slurm_hosts, tmp_path_factory.mktemp("reference"), shards, "ref", sbatch_args=["--nodes=2"])

@@ -23,7 +23,7 @@ def test_eval_job_writes_results(slurm, reference_job, tmp_path):
     write_synthetic_shards(str(reference), num_images=10, resolution=32, seed=1)
     weights = tmp_path / "inception.pth"
     make_test_inception_weights(weights)
-    trained = slurm.wait(reference_job.job_id, timeout=300)
+    trained = reference_job.cluster.wait(reference_job.job_id, timeout=300)
     assert trained["JobState"] == "COMPLETED", trained
     checkpoint = reference_job.checkpoint(TRAIN_STEPS)
     results = tmp_path / "results.json"

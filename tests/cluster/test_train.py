@@ -1,6 +1,7 @@
-"""cluster/train.sh under a real Slurm (tests/cluster/conftest.py): a job completes; a job warned of its
-preemption checkpoints, requeues itself, resumes and ends with the same weights as an uninterrupted one;
-a broken recipe fails once and is not requeued; requeues stop at MAX_RESTARTS."""
+"""cluster/train.sh under a real Slurm (tests/cluster/conftest.py): a job on two nodes (`sbatch --nodes=2`, one
+slurmd per host namespace) completes; a two-node job warned of its preemption checkpoints, requeues itself,
+resumes and ends with the same weights as an uninterrupted one; a broken recipe fails once and is not requeued;
+requeues stop at MAX_RESTARTS (both on the one-node cluster: they end before any node starts)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ def losses(run_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def preempted_job(slurm, shards, tmp_path_factory, reference_job):
+def preempted_job(slurm_hosts, shards, tmp_path_factory, reference_job):
     """A training job sent Slurm's preemption warning (SIGUSR1 to the batch shell) once it is training.
 
     A watcher thread sends the signal as soon as the first step is logged (the job may be queued behind
     others first), then releases the requeued job at once instead of after Slurm's 120 s BeginTime."""
-    job = submit_train(slurm, tmp_path_factory.mktemp("preempted"), shards, "pre")
+    slurm = slurm_hosts
+    job = submit_train(slurm, tmp_path_factory.mktemp("preempted"), shards, "pre", sbatch_args=["--nodes=2"])
     signalled = threading.Event()
     stop = threading.Event()
 
@@ -60,12 +62,16 @@ def preempted_job(slurm, shards, tmp_path_factory, reference_job):
     thread.join(timeout=10)
 
 
-def test_train_job_completes(slurm, reference_job):
+def test_train_job_completes(reference_job):
     job = reference_job
-    final = slurm.wait(job.job_id, timeout=JOB_TIMEOUT)
+    final = job.cluster.wait(job.job_id, timeout=JOB_TIMEOUT)
     log = job.log_text()
     assert final["JobState"] == "COMPLETED", f"{final}\n{log}"
     assert final["ExitCode"] == "0:0" and final["Restarts"] == "0"
+    assert final["NodeList"] == "node[0-1]" and "2 node(s) x 1 rank(s)" in log
+    for node in (0, 1):  # each node's launcher reached the first node through the interface that routes there
+        assert f"node {node} of 2 talks on GLOO_SOCKET_IFNAME=eth0" in log, log
+        assert (job.workdir / "logs" / f"ref-{job.job_id}" / "restart-0" / f"node{node}.status").read_text() == "0\n"
     assert f"complete at step {TRAIN_STEPS}" in log and "training complete" in log
     assert (job.checkpoint(TRAIN_STEPS) / "manifest.json").is_file()
     assert sorted(losses(job.run_dir)) == list(range(1, TRAIN_STEPS + 1))
@@ -73,7 +79,8 @@ def test_train_job_completes(slurm, reference_job):
     assert (job.workdir / "logs" / f"ref-{job.job_id}" / "restart-0" / "config.yaml").is_file()
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, reference_job, preempted_job):
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_hosts, reference_job, preempted_job):
+    slurm = slurm_hosts
     job, signalled = preempted_job
     final = slurm.wait(job.job_id, timeout=JOB_TIMEOUT, on_poll=slurm.release_requeued)
     log = job.log_text()

@@ -187,11 +187,11 @@ def test_repa_loss_is_weight_times_alignment_of_projected_hidden(small_encoder):
     repa = REPA(hidden_size=16, encoder=small_encoder, encoder_dim=SMALL["embed_dim"], weight=0.5)
     hidden, x = torch.randn(2, 64, 16), images(2, 128, 128)
     target = repa.encoder_features(x, (8, 8))
-    loss = repa(hidden, x, (8, 8))
+    loss = repa(hidden.unflatten(1, (8, 8)), x)  # the grid travels with the hidden state
     assert loss.ndim == 0 and loss > 0
     torch.testing.assert_close(loss, 0.5 * alignment_loss(repa.projector(hidden), target))
-    with pytest.raises(ValueError, match="8x8"):
-        repa(torch.randn(2, 63, 16), x, (8, 8))
+    with pytest.raises(ValueError, match=r"token grid \(B, h, w, D\)"):
+        repa(hidden, x)
 
 
 def test_gradients_reach_the_projector_and_hidden_not_the_encoder(small_encoder):
@@ -199,8 +199,9 @@ def test_gradients_reach_the_projector_and_hidden_not_the_encoder(small_encoder)
     repa = REPA(hidden_size=model.config.hidden_size, encoder=small_encoder, encoder_dim=SMALL["embed_dim"])
     x = images(2, 192, 320)
     t, y = torch.rand(2), torch.tensor([1, 3])
-    _, hidden = model(x, t, y, feature_block=1)  # (2, 240, 64): a 12 x 20 grid
-    loss = repa(hidden, x, (12, 20))
+    _, hidden = model.forward_with_hidden(x, t, y, block=1)
+    assert hidden.shape == (2, 12, 20, 64)  # the token grid of a 192 x 320 image
+    loss = repa(hidden, x)
     loss.backward()
     for p in repa.projector.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
@@ -220,7 +221,7 @@ def test_encoder_is_outside_the_module_tree(small_encoder):
     other = REPA(hidden_size=16, encoder=small_encoder, encoder_dim=SMALL["embed_dim"])
     other.load_state_dict(repa.state_dict(), strict=True)
     x = images(1, 64, 64)
-    torch.testing.assert_close(other(torch.ones(1, 16, 16), x, (4, 4)), repa(torch.ones(1, 16, 16), x, (4, 4)))
+    torch.testing.assert_close(other(torch.ones(1, 4, 4, 16), x), repa(torch.ones(1, 4, 4, 16), x))
 
 
 def test_encoder_width_must_match(small_encoder):

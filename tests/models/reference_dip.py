@@ -1,7 +1,7 @@
-"""An independent, deliberately naive DiP written straight from DIP_SPEC.md section 1 with the released
-checkpoint's parameter names: F.unfold / F.fold patches, complex-number RoPE built angle by angle,
-attention written out with softmax, RMSNorm by hand. Tests load converted weights into it and require
-our model to compute the same function."""
+"""An independent, deliberately naive DiP written straight from the released design (docs/dip.md, "The
+trunk" and "The Patch Detailer Head") with the released checkpoint's parameter names: F.unfold / F.fold
+patches, complex-number RoPE built angle by angle, attention written out with softmax, RMSNorm by hand.
+Tests load converted weights into it and require our model to compute the same function."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ class RefDecoder(nn.Module):
     def __init__(self, dim, base=64):
         super().__init__()
         a, b, c, d = base, 2 * base, 4 * base, 8 * base
-        self.enc1, self.enc2, self.enc3, self.enc4 = conv_block(3, a, 3), conv_block(a, b, 3), conv_block(b, c, 3), conv_block(c, d, 3)
+        self.enc1, self.enc2 = conv_block(3, a, 3), conv_block(a, b, 3)
+        self.enc3, self.enc4 = conv_block(b, c, 3), conv_block(c, d, 3)
         self.bottleneck = conv_block(d + dim, d, 1)
         self.up4, self.dec4 = nn.ConvTranspose2d(d, d, 2, 2), conv_block(2 * d, c, 3)
         self.up3, self.dec3 = nn.ConvTranspose2d(c, c, 2, 2), conv_block(2 * c, b, 3)

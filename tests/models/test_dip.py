@@ -202,7 +202,7 @@ def test_initialisation_follows_the_release():
 
 
 def test_channels_last_head_weights_compute_the_same_function():
-    from dip_scale.models.detailer import channels_last_weights
+    from dip_scale.models import channels_last_weights
 
     torch.manual_seed(0)
     net = build_model("DiP-tiny/16")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +100,17 @@ class Run:
         for i, p in enumerate(procs):
             if ranks is None or i in ranks:
                 p.send_signal(sig)
+
+    def signal_now(self, sig: int) -> None:
+        """Send `sig` to all ranks while they are frozen (SIGSTOP ... SIGCONT), so that the step they see it
+        in is the one the caller just observed or the next, however fast the steps run."""
+        procs = self.ranks()
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
+        for p in procs:
+            p.send_signal(sig)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
 
     def wait(self, timeout: float = 600) -> int:
         try:

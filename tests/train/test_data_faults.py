@@ -101,7 +101,8 @@ def test_long_outage_checkpoints_and_requeues(tmp_path, s3_data, straight, proxy
 def test_signal_during_an_outage_is_honoured_at_once(tmp_path, s3_data, straight, proxy):
     """The retries would wait minutes (30 retries); SIGTERM ends the wait, checkpoints and exits 75."""
     run_dir = tmp_path / "ckpt" / RUN_NAME
-    patient = args(s3_data, tmp_path / "ckpt", "data.download_retry=30", "data.stall_timeout=600")
+    patient = args(s3_data, tmp_path / "ckpt", "data.download_retry=30", "data.stall_timeout=600",
+                   "train.dist_timeout=900")
     r = start(tmp_path / "log", patient, run_dir, env=through(proxy))
     r.wait_step(2)
     proxy.set("down")

@@ -82,8 +82,8 @@ def test_killed_and_terminated_run_equals_uninterrupted(tmp_path, epoch_shards, 
 
     # SIGTERM: a checkpoint of the step in progress, exit 75.
     second = start(tmp_path / "2", args, run_dir)
-    term_at = second.wait_step(rng.randint(newest + 1, STEPS - 2))
-    second.signal(signal.SIGTERM)
+    term_at = second.wait_step(rng.randint(newest + 1, max(newest + 1, STEPS - 4)))
+    second.signal_now(signal.SIGTERM)
     assert second.wait() == EXIT_PREEMPTED, second.log()
     log = second.log()
     assert resumed_from(log) == newest, log

@@ -1,4 +1,4 @@
-"""Update the EMA network after every optimizer step (decay 0.9999 every step in the paper recipe; docs/dip.md).
+"""Update the EMA network after every optimizer step (docs/dip.md, "Recipe": 0.9999 every step).
 
 The EMA is a frozen submodule of the training wrapper (`ema_net`), so it is sharded, checkpointed and
 restored with the model under every strategy; this callback only moves it. Steps that the optimizer

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -178,7 +179,10 @@ class ScheduledEval(Callback):
         entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd,
                  "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            # sbatch hands this environment to the job; not the address of this process's wandb service, which
+            # the job would try to join long after it is gone
+            env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
             if proc.returncode == 0:
                 entry["job_id"] = proc.stdout.strip().split(";")[0]
                 log.info("submitted FID evaluation of %s as Slurm job %s", checkpoint, entry["job_id"])

@@ -117,7 +117,9 @@ class TrainMetrics(Callback):
         }
         if self.peak:
             metrics["throughput/mfu"] = self.flops_per_image * img_s / (world * self.peak)
-        logger.log_metrics(metrics)
+        # At the logging step of this update's loss: Composer logs loss/train/* while the update runs, at the
+        # number of updates before it; the console line and metrics.jsonl count the update itself (1-based).
+        logger.log_metrics(metrics, step=step - 1)
         seconds_per_step = (now - self._t0) / max(self._steps, 1)
         self._t0, self._steps = now, 0
         if dist.get_global_rank() == 0:
