@@ -1,9 +1,12 @@
-"""The embedded default (`make demo`), shortened: data, training, scheduled FID, grids, and a rerun."""
+"""The embedded default (`make demo`), shortened: data, classifier, training, scheduled evaluation with class
+accuracy, grids, the printed dip-sample / dip-eval commands, and a rerun that trains nothing."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,21 +25,51 @@ def run_demo(out: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_demo_writes_shards_trains_evaluates_and_then_reports_complete(tmp_path):
+def small_classifier(out: Path) -> None:
+    """The demo trains its classifier once and keeps it; a smaller one here saves a minute of the suite."""
+    from dip_scale.eval.classifier import train_classifier
+
+    train_classifier(32, num_images=2000, epochs=1, held_out=200, log=lambda _: None).save(
+        out / "data" / "classifier-32px.safetensors")
+
+
+def test_demo_trains_evaluates_prints_working_commands_and_then_reports_complete(tmp_path):
     out = tmp_path / "demo"
+    small_classifier(out)
     first = run_demo(out)
     assert (out / "data" / "train" / "index.json").is_file() and (out / "data" / "reference" / "index.json").is_file()
     run = out / "runs" / "demo"
     rows = list(csv.DictReader((run / "eval" / "results.csv").open()))
     assert [int(r["step"]) for r in rows] == [10, 20]  # the scheduled, in-process evaluation
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 for r in rows)
+    assert all(0.0 <= float(r["class_accuracy"]) <= 1.0 for r in rows)
     assert (run / "eval" / "fid_vs_step.png").is_file()
     sample_grid = Image.open(run / "samples" / "step-000000020.png")
     real_grid = Image.open(out / "real_classes.png")
     assert sample_grid.size == real_grid.size == (8 * 32, 2 * 32)  # same layout: one column per class
-    assert "FID (random-feature Inception): step 10:" in first.stdout  # no real weights offline: says so
-    assert "-> step 20:" in first.stdout
+    text = first.stdout
+    assert "FID*" in text and "random weights" in text  # no real Inception weights offline: says so
+    table = [line.split() for line in text.splitlines() if line.strip().split()[:1] in (["10"], ["20"])]
+    assert [row[0] for row in table] == ["10", "20"], text  # the whole table, one row per evaluation
+    assert "real" in text and "held-out real images" in text
 
-    again = run_demo(out)  # nothing left to do: reports the finished run, evaluates nothing new
-    assert "already complete at step 20" in again.stdout + again.stderr
+    # The closing commands work as printed (from the folder the demo ran in).
+    lines = text.splitlines()
+    at = lines.index("Sample from the run, and evaluate its last checkpoint again (the last row above):")
+    sample_cmd, eval_cmd = lines[at + 1].strip(), lines[at + 2].strip()
+    assert "dip-sample" in sample_cmd or "dip_scale.sample" in sample_cmd
+    assert "--inception-weights" in eval_cmd and "--classifier" in eval_cmd
+    done = subprocess.run(shlex.split(sample_cmd), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(Image.open(out / "samples.png").size) == [4 * 32, 10 * 32]  # 10 classes, 4 each
+    done = subprocess.run(shlex.split(eval_cmd) + ["--no-progress", "--out", str(tmp_path / "again.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["step"] == 20 and math.isclose(again["metrics"]["fid"], float(rows[-1]["fid"]), rel_tol=1e-3)
+    assert math.isclose(again["metrics"]["class_accuracy"], float(rows[-1]["class_accuracy"]), abs_tol=1e-6)
+
+    rerun = run_demo(out)  # nothing left to do: says so first, trains and evaluates nothing new
+    assert rerun.stdout.splitlines()[0].startswith("run demo is already complete at step 20"), rerun.stdout[:500]
+    assert "resuming" not in rerun.stdout + rerun.stderr
     assert len(list(csv.DictReader((run / "eval" / "results.csv").open()))) == 2

@@ -157,6 +157,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         raise ConfigError(f"{source}: optim.betas must be [beta1, beta2] in [0, 1), got {o.betas}")
     if o.weight_decay < 0:
         raise ConfigError(f"{source}: optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if not o.grad_clip >= 0:
+        raise ConfigError(f"{source}: optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
     if not 0.0 <= recipe.ema_decay < 1.0:
         raise ConfigError(f"{source}: ema_decay must be in [0, 1), got {recipe.ema_decay}")
     if not 0.0 <= recipe.objective.label_dropout < 1.0:

@@ -95,6 +95,9 @@ class OptimConfig:
     """Adam's epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay (0 in the paper)."""
+    grad_clip: float = 0.0
+    """Scale the gradients down to this global L2 norm when their norm is larger; 0 = never (the paper states no
+    clipping). The demo uses 1.0: at its learning rate it keeps the first steps' large gradients in bounds."""
 
 
 @dataclass

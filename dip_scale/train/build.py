@@ -169,7 +169,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         trainable = [p for n, p in model.named_parameters() if p.requires_grad]
         fused = use_fused_adamw(device, recipe.parallelism.strategy) or None  # None: torch's default path
         optimizer = GuardedAdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                 fused=fused)
+                                 fused=fused, max_grad_norm=o.grad_clip)
 
     if dist.get_local_rank() == 0:  # every node: its folder may be its own (node-local disks)
         paths.local_root.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def ds_config(recipe: Recipe, world_size: int, device_type: str) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                   "weight_decay": o.weight_decay, "torch_adam": True}},
         "zero_optimization": zero,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": float(o.grad_clip),
     }
     if recipe.parallelism.reduce_dtype == "bf16":
         config["communication_data_type"] = "bf16"  # gradient reductions in bf16; master weights stay fp32

@@ -1,9 +1,11 @@
-"""AdamW that knows the global gradient norm and refuses non-finite steps.
+"""AdamW that knows the global gradient norm, refuses non-finite steps and can clip.
 
 Composer calls `step(closure)` where the closure runs every micro-batch's forward and backward. After it,
 the global gradient norm is measured (a collective for sharded gradients, so every rank sees the same
 number) and a step with a non-finite loss or gradient leaves parameters and moments untouched. What then
-happens to the run (stop with a checkpoint, or go on) is the NonFiniteGuard callback's decision.
+happens to the run (stop with a checkpoint, or go on) is the NonFiniteGuard callback's decision. With
+`max_grad_norm` > 0 a finite step whose norm is above it scales the gradients down to that norm first (the
+reported norm stays the one measured before clipping).
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def use_fused_adamw(device: str, strategy: str) -> bool:
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
+        if max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
         self.last_grad_norm = 0.0
         self.last_step_skipped = False
         self.skipped_steps = 0
@@ -53,5 +58,10 @@ class GuardedAdamW(torch.optim.AdamW):
             self.skipped_steps += 1
             self.zero_grad(set_to_none=True)
             return loss
+        if 0 < self.max_grad_norm < self.last_grad_norm:
+            scale = self.max_grad_norm / (self.last_grad_norm + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         super().step()
         return loss
