@@ -6,6 +6,7 @@
         proxy.set("throttle")  # every request is answered 503 SlowDown (S3's throttling)
         proxy.set("deny")      # every request is answered 403 AccessDenied (credentials without permission)
         proxy.set("up")        # forwarded again; connections held by "stall" are closed
+        proxy.set_after(12, "down")  # forward 11 more GET requests, then switch on the 12th (and drop it)
 
 Switching away from "up" also cuts the connections in flight, so an upload in progress fails mid-way.
 """
@@ -42,6 +43,7 @@ class FaultyProxy:
         self.refused = 0  # connections failed by "down", "stall", "throttle" or "deny"
         self.connections = 0  # connections accepted, in any mode
         self._open: set[socket.socket] = set()
+        self._switch: tuple[int, str] | None = None  # (GET requests left, mode): see set_after
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -62,6 +64,26 @@ class FaultyProxy:
         self.set("up")
         self.server.shutdown()
         self.server.server_close()
+
+    def set_after(self, requests: int, mode: str) -> None:
+        """Forward `requests` - 1 more GET requests, then switch to `mode` as the next one arrives: an outage at
+        a fixed point of a download sequence, however fast the client runs."""
+        assert mode in MODES and requests >= 1, (requests, mode)
+        with self.changed:
+            self._switch = (requests, mode)
+
+    def _count_gets(self, data: bytes) -> bool:
+        """Count the GET request lines in data sent by a client; True when a pending set_after fires now."""
+        with self.changed:
+            if self._switch is None:
+                return False
+            left = self._switch[0] - data.count(b"GET /")
+            if left > 0:
+                self._switch = (left, self._switch[1])
+                return False
+            mode, self._switch = self._switch[1], None
+        self.set(mode)
+        return True
 
     def set(self, mode: str) -> None:
         assert mode in MODES, mode
@@ -111,7 +133,7 @@ class FaultyProxy:
                 for key, _ in sel.select(timeout=1.0):
                     src = key.fileobj
                     data = src.recv(65536)
-                    if not data:
+                    if not data or (src is client and self._count_gets(data)):
                         return
                     (upstream if src is client else client).sendall(data)
         except (OSError, ValueError):  # cut by set(): the sockets were closed under us

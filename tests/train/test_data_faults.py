@@ -12,6 +12,7 @@ without a batch (data.stall_timeout).
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -125,12 +126,14 @@ def test_start_while_the_data_store_is_down_exits_75(tmp_path, s3_data, proxy):
 
 
 def test_two_ranks_stop_together_and_resume(tmp_path, s3_data, straight, proxy):
-    """One store, two ranks: whichever rank misses its data first, both checkpoint the same step and exit 75."""
+    """One store, two ranks: whichever rank misses its data first, both checkpoint the same step and exit 75.
+    The store goes down at the 40th request (the indexes and some shards are through), not after a step seen
+    from here: the ranks download ahead, and a test that looks late would find every shard already there."""
     run_dir = tmp_path / "ckpt" / RUN_NAME
+    proxy.set_after(40, "down")
     r = start(tmp_path / "log", args(s3_data, tmp_path / "ckpt"), run_dir, nproc=2, env=through(proxy))
-    r.wait_step(2)
-    proxy.set("down")
     assert r.wait(timeout=300) == EXIT_PREEMPTED, r.log()
+    assert re.search(r"preempted at step [1-9]", r.log()), r.log()  # a checkpoint in the middle of the epoch
     proxy.set("up")
     run(tmp_path / "log2", args(s3_data, tmp_path / "ckpt"), run_dir, nproc=2, env=through(proxy))
     seen = samples_by_step(run_dir)
@@ -139,3 +142,17 @@ def test_two_ranks_stop_together_and_resume(tmp_path, s3_data, straight, proxy):
     assert {s: sorted(ids) for s, ids in seen.items()} == {s: sorted(ids) for s, ids in expected.items()}
     for step, loss in losses(straight).items():
         assert losses(run_dir)[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_outage_before_the_first_step_writes_no_checkpoint_and_the_rerun_starts_afresh(tmp_path, s3_data, straight,
+                                                                                       proxy):
+    """Nothing trained, nothing to keep: exit 75 without a step-0 checkpoint; the requeued run is a fresh one."""
+    run_dir = tmp_path / "ckpt" / RUN_NAME
+    proxy.set_after(8, "down")  # the start's own reads are through; the first shards are not
+    r = run(tmp_path / "log", args(s3_data, tmp_path / "ckpt"), run_dir, env=through(proxy), expect=EXIT_PREEMPTED)
+    assert "preempted before the first step" in r.log() and "nothing to checkpoint" in r.log(), r.log()
+    assert not list(run_dir.glob("checkpoints/step-*"))
+    proxy.set("up")
+    again = run(tmp_path / "log2", args(s3_data, tmp_path / "ckpt"), run_dir, env=through(proxy))
+    assert "resuming" not in again.log()
+    assert_equals_straight(straight, run_dir)

@@ -77,9 +77,14 @@ class PreemptionCheckpoint(Callback):
             return
         request_stop()
         step = int(state.timestamp.batch)
+        why = "a preemption signal" if signalled else "the data store (see DATA UNAVAILABLE above)"
+        if step == 0:  # nothing trained yet: a rerun starts afresh, exactly as this run did
+            log.warning("preempted before the first step (stopped by %s): nothing to checkpoint; exiting with %d so "
+                        "the job is requeued", why, EXIT_PREEMPTED)
+            ignore_signals()
+            raise Preempted(EXIT_PREEMPTED)
         path = self.saver.save(state)
         self.saver.finish(state, timeout=self.grace)
-        why = "a preemption signal" if signalled else "the data store (see DATA UNAVAILABLE above)"
         log.warning("preempted at step %d: checkpoint %s written (stopped by %s); exiting with %d so the job is "
                     "requeued", step, path, why, EXIT_PREEMPTED)
         ignore_signals()
