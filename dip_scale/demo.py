@@ -178,8 +178,8 @@ def explain(real_weights: bool, held_out: dict, real: dict) -> None:
         print(f"""
   FID* is a Frechet distance in the features of an Inception with fixed random weights (torch-fidelity's
   weights are not on this machine, and nothing is downloaded). It can tell that the samples' statistics move
-  towards the reference's, and how far they still are compared with real images ({real['fid']:.3f} at this
-  N). It cannot tell what is wrong (texture, colours, class), and its numbers are on their own scale: not
+  towards the reference's, and how far they still are from those of real images ({real['fid']:.3f} at this N).
+  It cannot tell what is wrong (texture, colours, class), and its numbers are on their own scale: not
   comparable with published FIDs.""")
     print(f"""  Class accuracy: the share of samples that a classifier of the ten synthetic classes assigns to the
   class they were drawn for, both by texture (a CNN that cannot see colour) and by colours (the two dominant

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         run(args)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # the ranks leave together: one rank's teardown while rank 0 still writes hung once
     except (FileNotFoundError, ValueError, PermissionError) as err:
         parser.exit(2, f"dip-eval: error: {err}\n")
     except StoreUnavailable as err:  # try again later (a Slurm job script requeues on 75)
