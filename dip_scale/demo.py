@@ -258,7 +258,8 @@ def main(argv=None) -> int:
     pin_cpu(args.threads)
 
     from dip_scale.checkpoint import newest_complete
-    from dip_scale.recipe import ConfigError, load_recipe
+    from dip_scale.eval.grid import default_classes
+    from dip_scale.recipe import ConfigError, load_recipe, model_config
 
     out = Path(args.out)
     data, run_root = out / "data", out / "runs"
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     rows = evaluations(run)
     real = real_check(out, weights, data / "reference", classifier, recipe.eval.num_samples)
     grids = sorted((run / "samples").glob("step-*.png"))
-    classes = recipe.logging.sample_classes or [round(i * 9 / 7) for i in range(8)]  # as the run's SampleGrid
+    classes = recipe.logging.sample_classes or default_classes(model_config(recipe).num_classes)  # as SampleGrid
     real_grid = write_real_grid(out / "real_classes.png", sorted(set(classes)), per_class=2)
     sample, evaluate = commands(out, run, None if real_weights else weights, classifier, recipe.eval.num_samples,
                                 recipe.eval.batch_size)

@@ -21,7 +21,7 @@ from dip_scale.checkpoint import load_model
 from dip_scale.diffusion.sampler import prepare_for_sampling
 from dip_scale.eval.flags import add_sampler_flags, sampler_from_flags
 from dip_scale.eval.generate import default_autocast, generate, sample_images
-from dip_scale.eval.grid import class_columns, image_grid
+from dip_scale.eval.grid import class_columns, default_classes, image_grid
 from dip_scale.eval.results import save_samples_npz
 
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     try:
         model, info = load_model(args.checkpoint, official=args.official, trust=args.trust_checkpoint)
         n_cls = info["num_classes"]
-        classes = args.classes or [round(i * (n_cls - 1) / 7) for i in range(8)]
+        classes = args.classes or default_classes(n_cls)
         bad = [c for c in classes if not 0 <= c < n_cls]
         if bad:
             raise ValueError(f"--classes {bad} are outside [0, {n_cls}) for this model")

@@ -51,7 +51,7 @@ from dip_scale.eval.results import (
     save_samples_npz,
     write_json,
 )
-from dip_scale.eval.stats import load_reference, read_npz_reference
+from dip_scale.eval.stats import check_local_reference, load_reference, read_npz_reference
 from dip_scale.storage import StoreUnavailable
 
 log = logging.getLogger("dip_scale.eval")
@@ -145,14 +145,10 @@ def check_inputs(args) -> None:
         raise FileNotFoundError(f"checkpoint {ck} does not exist; expected a checkpoint folder or file "
                                 f"(e.g. runs/<run>/checkpoints/step-000400000) or an s3:// URL")
     ref = args.reference
-    if not ref.startswith("s3://") and not Path(ref).exists():
-        raise FileNotFoundError(f"reference {ref} does not exist; expected an ADM reference .npz, a folder of "
-                                f"MDS shards, an s3:// URL or an image folder")
-    if not ref.startswith("s3://") and Path(ref).is_file() and not ref.endswith(".npz"):
-        raise ValueError(f"reference {ref} is a file but not an .npz; expected an ADM reference .npz, a folder of "
-                         f"MDS shards, an s3:// URL or an image folder")
     if ref.endswith(".npz") and not ref.startswith("s3://"):
-        read_npz_reference(ref, load_images=False)  # wrong keys or shapes fail before the model is loaded
+        read_npz_reference(ref, load_images=False)  # missing, wrong keys or shapes: before the model is loaded
+    elif not ref.startswith("s3://"):
+        check_local_reference(ref)
     if args.num_samples <= 0 or args.batch_size <= 0:
         raise ValueError(f"--num-samples and --batch-size must be positive, got {args.num_samples} and "
                          f"{args.batch_size}")

@@ -22,3 +22,8 @@ def class_columns(images: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Images ordered class by class (per_class of each, in turn) -> ordered row by row with one class a column."""
     per_class = images.shape[0] // num_classes
     return images.reshape(num_classes, per_class, *images.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
+def default_classes(num_classes: int) -> list[int]:
+    """The classes of a sample grid when none are given: 8 spread evenly over the labels."""
+    return [round(i * (num_classes - 1) / 7) for i in range(8)]

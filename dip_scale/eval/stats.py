@@ -408,6 +408,18 @@ def _on_rank0(fn, what: str):
     return result
 
 
+def check_local_reference(spec: str) -> Path:
+    """A local reference that is not an .npz must be a folder: say whether it is missing or of the wrong kind."""
+    expected = (f"expected an ADM reference .npz ({ADM_REFERENCE_URL}), a folder of MDS shards (with index.json), "
+                f"an s3:// shard prefix, or a folder of images")
+    folder = Path(spec)
+    if folder.is_file():
+        raise ValueError(f"reference {spec} is a file but not an .npz; {expected}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reference {spec} does not exist; {expected}")
+    return folder
+
+
 def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | Path | None = None,
                    batch_size: int = 100, num_workers: int = 0, progress: bool = True) -> ReferenceStats | None:
     """Reference statistics from an ADM .npz, MDS shards (folder or s3:// prefix) or an image folder.
@@ -432,15 +444,7 @@ def load_reference(spec: str, inception: InceptionFeatures, *, cache_dir: str | 
     if remote:
         source, folder = ShardImages(spec), local_copy
     else:
-        folder = Path(spec)
-        if folder.is_file():
-            raise ValueError(f"reference {spec} is a file but not an .npz; expected an ADM reference .npz "
-                             f"({ADM_REFERENCE_URL}), a folder of MDS shards (with index.json), an s3:// shard "
-                             f"prefix, or a folder of images")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"reference {spec} does not exist; expected an ADM reference .npz "
-                                    f"({ADM_REFERENCE_URL}), a folder of MDS shards (with index.json), an s3:// "
-                                    f"shard prefix, or a folder of images")
+        folder = check_local_reference(spec)
         source = ShardImages(spec) if (folder / "index.json").is_file() else ImageFolder(folder)
 
     # The cache lives next to the data: in the data folder (or, if that is read-only, the cache folder);

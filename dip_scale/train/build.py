@@ -18,6 +18,7 @@ from dip_scale.diffusion.ema import local_tensors
 from dip_scale.diffusion.flow import FlowMatching
 from dip_scale.diffusion.repa import REPA, load_repa_encoder
 from dip_scale.diffusion.sampler import SamplerConfig
+from dip_scale.eval.grid import default_classes
 from dip_scale.models.dip import build_model
 from dip_scale.recipe import ConfigError, Recipe, check_world_size, model_config, stall_timeout, to_yaml
 from dip_scale.storage import StoreUnavailable, atomic_write, is_remote, open_store
@@ -193,7 +194,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     loader = build_dataloader(recipe, per_rank)
     preemption = PreemptionCheckpoint(saver)
     loader.should_stop = preemption.stop_requested  # a signal ends any wait for data
-    classes = recipe.logging.sample_classes or [round(i * (net_config.num_classes - 1) / 7) for i in range(8)]
+    classes = recipe.logging.sample_classes or default_classes(net_config.num_classes)
     callbacks = [
         EpochSeed(model),
         EMAUpdate(model, recipe.ema_decay, tensors=ds.ema_tensors if ds else local_tensors),
