@@ -64,7 +64,13 @@ def lost_other_ranks(err: BaseException) -> bool:
     node was lost, the network partitioned, or the wait passed train.dist_timeout), not a fault of this rank."""
     import torch.distributed as torch_dist
 
-    for e in (err, err.__cause__, err.__context__):
+    seen, todo = set(), [err]
+    while todo:  # the error and everything it was raised from or during, however deep
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
         if isinstance(e, (torch_dist.DistBackendError, torch_dist.DistNetworkError, torch_dist.DistStoreError)):
             return True
         # gloo reports a peer gone or silent as a plain RuntimeError
@@ -157,6 +163,12 @@ def main(argv=None) -> int:
         trainer.fit()
     except (Preempted, NonFiniteStop) as stop:
         trainer.close()
+        if isinstance(stop, Preempted):
+            # Checkpoint written and loggers closed. Not a normal interpreter exit: a data thread may still
+            # wait on a stalled store, and finalizing around it can hang or abort (SIGABRT) instead of 75.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(stop.code))
         return int(stop.code)
     except Exception as err:
         if not lost_other_ranks(err):

@@ -363,6 +363,18 @@ class TrainJob:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def diagnosis(self, job: dict, lines: int = 40) -> str:
+        """For a failed wait, most telling first (a long message is cut in the middle): the end of the job log
+        (the first rank of each node writes there), the ends of the other ranks' stderr in the latest restart,
+        the job's state, then the whole job log."""
+        log = self.log_text()
+        parts = [f"--- the job log's last {lines} lines", *log.splitlines()[-lines:]]
+        restarts = sorted((self.workdir / "logs" / f"{self.name}-{self.job_id}").glob("restart-*"),
+                          key=lambda p: int(p.name.split("-")[1]))
+        for err in sorted(restarts[-1].glob("rank*.err")) if restarts else []:
+            parts += [f"--- {restarts[-1].name}/{err.name}", *err.read_text(errors="replace").splitlines()[-lines:]]
+        return "\n".join([*parts, f"--- job {job}", "--- the whole job log", log])
+
     @property
     def run_dir(self) -> Path:
         return self.save_folder / "dip-tiny-cpu"
@@ -381,8 +393,8 @@ class TrainJob:
         while text not in self.log_text():
             job = self.cluster.job(self.job_id)
             self.cluster.release_requeued(job)
-            assert time.monotonic() - started < timeout, f"no {text!r} within {timeout}s: {job}\n{self.log_text()}"
-            assert job.get("JobState") not in FINAL, f"job ended before {text!r}: {job}\n{self.log_text()}"
+            assert time.monotonic() - started < timeout, f"no {text!r} within {timeout}s: \n{self.diagnosis(job)}"
+            assert job.get("JobState") not in FINAL, f"job ended before {text!r}: \n{self.diagnosis(job)}"
             time.sleep(0.1)
         return time.monotonic() - started
 
@@ -393,8 +405,8 @@ class TrainJob:
         while self.steps_logged() < target:
             job = self.cluster.job(self.job_id)
             self.cluster.release_requeued(job)
-            assert time.monotonic() - started < timeout, f"no step within {timeout}s: {job}\n{self.log_text()}"
-            assert job.get("JobState") not in FINAL, f"job ended: {job}\n{self.log_text()}"
+            assert time.monotonic() - started < timeout, f"no step within {timeout}s: \n{self.diagnosis(job)}"
+            assert job.get("JobState") not in FINAL, f"job ended: \n{self.diagnosis(job)}"
             time.sleep(0.05)
 
 
