@@ -59,6 +59,13 @@ def die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+# What gloo's TCP transport says when a peer is gone or silent (its messages, as torch 2.6-2.11 build it): the
+# peer closed or reset the connection, a socket read or write failed, an operation passed the timeout, or an
+# operation was cut off because another one on the same connection had timed out.
+GLOO_LOST_CONTACT = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
+                     "Application timeout caused pair closure", "Socket closed", "Read error", "Write error")
+
+
 def lost_other_ranks(err: BaseException) -> bool:
     """Whether `err` says that a collective failed because other ranks are gone or unreachable (a rank died, a
     node was lost, the network partitioned, or the wait passed train.dist_timeout), not a fault of this rank."""
@@ -74,8 +81,7 @@ def lost_other_ranks(err: BaseException) -> bool:
         if isinstance(e, (torch_dist.DistBackendError, torch_dist.DistNetworkError, torch_dist.DistStoreError)):
             return True
         # gloo reports a peer gone or silent as a plain RuntimeError
-        if isinstance(e, RuntimeError) and any(text in str(e) for text in (
-                "Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe")):
+        if isinstance(e, RuntimeError) and any(text in str(e) for text in GLOO_LOST_CONTACT):
             return True
     return False
 
