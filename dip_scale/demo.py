@@ -7,18 +7,21 @@
    stands in for S3);
 2. a classifier of the ten synthetic classes is trained once on other synthetic images and kept next to the
    data (dip_scale.eval.classifier): does a sample of class c look like c, by texture and by colours?
-3. `python -m dip_scale.train recipes/demo_cpu.yaml` trains through Composer with the streaming loader,
-   checkpoints and auto-resume; the scheduled evaluation (in-process, standing in for the Slurm job)
-   measures FID and class accuracy against the reference split every `eval.every` steps;
+3. `composer -n 1 -m dip_scale.train recipes/demo_cpu.yaml` (or -n 2: --ranks) trains through Composer with
+   the streaming loader, checkpoints and auto-resume; the scheduled evaluation (in-process, standing in for
+   the Slurm job) measures FID and class accuracy against the reference split every `eval.every` steps;
 4. the whole table, the sample grids and the exact dip-sample / dip-eval commands for the run are printed.
 
 Running it again continues the run, or says first that it is complete and trains nothing.
 
-Threads: the demo runs torch on a fixed number of threads (--threads, default 2) that sleep while they wait
-(OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with other work. It also
-pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Thread count and code path each change the float
-rounding; with both fixed, the numbers are the same on any x86-64 machine with AVX2 for the same torch build.
-A variable you set yourself is left as it is.
+Ranks and threads: the demo trains on --ranks processes (default 1) of --threads torch threads each (default
+2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast
+as two), while a second data-parallel rank halves each rank's batch: on two cores, `--ranks 2 --threads 1`
+trains about 25% faster, to other numbers (README, "Two commands", has both). Threads sleep while they wait
+(OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with other work. The
+demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank count, thread count and code path
+each change the float rounding; with all three fixed, the numbers are the same on any x86-64 machine with
+AVX2 for the same torch build. A variable you set yourself is left as it is.
 
 FID needs torch-fidelity's Inception weights. When they are in the torch hub cache (or
 $DIP_INCEPTION_WEIGHTS) the demo uses them. Otherwise, since nothing is downloaded, it uses an Inception of
@@ -60,6 +63,8 @@ def cpu_settings(threads: int) -> dict[str, str]:
 
 
 def pin_cpu(threads: int) -> None:
+    """The demo process's own settings (its classifier and checks use `threads` threads); the training ranks
+    get theirs from train_environment."""
     if "torch" in sys.modules:  # an in-process caller imported it already: only the thread count still applies
         print("note: torch was imported before the demo set its CPU environment; only the thread count applies")
     for key, value in cpu_settings(threads).items():
@@ -67,6 +72,12 @@ def pin_cpu(threads: int) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def train_environment(threads: int, users: dict[str, str]) -> dict[str, str]:
+    """The training ranks' environment: the demo's CPU settings at `threads` threads per rank, except for the
+    variables in `users` (what was set before the demo started)."""
+    return {**os.environ, **cpu_settings(threads), **users}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,6 +246,30 @@ def write_real_grid(path: Path, classes: list[int], per_class: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str], log_dir: Path) -> int:
+    """`composer -n RANKS -m dip_scale.train recipes/demo_cpu.yaml OVERRIDES`, as a user types it; the first
+    rank writes to this terminal, the others to LOG_DIR/rank<R>.{out,err}. Returns its exit status (75: stopped
+    by a signal after a checkpoint; the same command continues)."""
+    import subprocess
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(ranks),
+           "--stdout", str(log_dir / "rank{rank}.out"), "--stderr", str(log_dir / "rank{rank}.err"),
+           "-m", "dip_scale.train", str(RECIPE), *overrides]
+    print(f"training on {ranks} rank(s) of {threads} thread(s) (composer -n {ranks} -m dip_scale.train "
+          f"{os.path.relpath(RECIPE)} ...)", flush=True)
+    code = subprocess.run(cmd, env=train_environment(threads, users)).returncode
+    if code != 0:
+        print(f"training exited with {code}" + (f"; the other ranks' logs: {log_dir}" if ranks > 1 else ""),
+              file=sys.stderr)
+    return code
+
+
+# ----------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------
 
@@ -245,17 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="folder for data, runs and results (default runs/demo)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="data-parallel training processes (default 1); the numbers depend on it")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (default 2); the numbers are reproducible for a fixed value")
+                        help="torch threads per rank (default 2); the numbers depend on it")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides, key=value (e.g. eval.every=500)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads <= 0:
-        build_parser().error(f"--threads must be positive, got {args.threads}")
-    pin_cpu(args.threads)
+    for name in ("ranks", "threads"):
+        if getattr(args, name) <= 0:
+            build_parser().error(f"--{name} must be positive, got {getattr(args, name)}")
+    users = {key: os.environ[key] for key in cpu_settings(1) if key in os.environ}
+    pin_cpu(args.ranks * args.threads)  # the demo's own work runs alone, on every core the ranks will use
 
     from dip_scale.checkpoint import newest_complete
     from dip_scale.eval.grid import default_classes
@@ -287,9 +326,7 @@ def main(argv=None) -> int:
         if not real_weights:
             print("note: torch-fidelity's Inception weights are not in the torch hub cache, and nothing is "
                   "downloaded: FID below uses an Inception with fixed random weights (see the end).", flush=True)
-        from dip_scale.train.__main__ import main as train
-
-        code = train([str(RECIPE), *overrides, f"eval.inception_path={weights}"])
+        code = train(args.ranks, args.threads, users, [*overrides, f"eval.inception_path={weights}"], out / "logs")
         if code != 0:
             return code
 
