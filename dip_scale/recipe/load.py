@@ -159,6 +159,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         raise ConfigError(f"{source}: optim.weight_decay must be >= 0, got {o.weight_decay}")
     if not o.grad_clip >= 0:
         raise ConfigError(f"{source}: optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"{source}: optim.warmup_steps must be >= 0 (0 = no warm-up), got {o.warmup_steps}")
+    if o.warmup_steps and recipe.parallelism.strategy == "deepspeed":
+        raise ConfigError(f"{source}: optim.warmup_steps={o.warmup_steps} is not supported with "
+                          "parallelism.strategy=deepspeed (its optimizer keeps its own schedule); use 0, or ddp/fsdp")
     if not 0.0 <= recipe.ema_decay < 1.0:
         raise ConfigError(f"{source}: ema_decay must be in [0, 1), got {recipe.ema_decay}")
     if not 0.0 <= recipe.objective.label_dropout < 1.0:

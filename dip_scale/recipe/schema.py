@@ -85,10 +85,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (torch.optim.AdamW, or DeepSpeed's with the same settings); a constant learning rate."""
+    """AdamW (torch.optim.AdamW, or DeepSpeed's with the same settings); a constant learning rate after an
+    optional linear warm-up."""
 
     lr: float = 1e-4
-    """Learning rate (constant; the paper uses 1e-4 without warm-up)."""
+    """Learning rate (constant after the warm-up; the paper uses 1e-4 without warm-up)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam's (beta1, beta2)."""
     eps: float = 1e-8
@@ -98,6 +99,10 @@ class OptimConfig:
     grad_clip: float = 0.0
     """Scale the gradients down to this global L2 norm when their norm is larger; 0 = never (the paper states no
     clipping). The demo uses 1.0: at its learning rate it keeps the first steps' large gradients in bounds."""
+    warmup_steps: int = 0
+    """Raise the learning rate linearly from 0 to `lr` over this many steps, then keep it; 0 = none (the paper's
+    setting). Composer's ConstantWithWarmupScheduler, a function of the step, so a resumed run continues the
+    ramp where it stopped. Not with parallelism.strategy=deepspeed (refused when the recipe is loaded)."""
 
 
 @dataclass

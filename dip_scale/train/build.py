@@ -220,6 +220,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
         train_dataloader=loader,
         max_duration=f"{recipe.train.max_steps}ba",
         optimizers=optimizer,
+        schedulers=warmup(recipe),
         device=device,
         precision=prec,
         device_train_microbatch_size=recipe.train.device_microbatch_size or per_rank,
@@ -236,6 +237,15 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
     )
     parallel.after_trainer(trainer.state.model, model, recipe)  # DDP-wrapped, or sharded in place, by now
     return trainer, paths
+
+
+def warmup(recipe: Recipe):
+    """optim.warmup_steps as Composer's scheduler (a function of the step: resumes continue the ramp), or None."""
+    if not recipe.optim.warmup_steps:
+        return None
+    from composer.optim import ConstantWithWarmupScheduler
+
+    return ConstantWithWarmupScheduler(t_warmup=f"{recipe.optim.warmup_steps}ba")
 
 
 def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig):

@@ -33,6 +33,8 @@ BAD = [
     (["optim.betas=[1.0,0.9]"], "optim.betas must be [beta1, beta2] in [0, 1)"),
     (["optim.weight_decay=-1"], "optim.weight_decay must be >= 0"),
     (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
+    (["optim.warmup_steps=10", "parallelism.strategy=deepspeed"], "optim.warmup_steps=10 is not supported"),
     (["ema_decay=1.0"], "ema_decay must be in [0, 1)"),
     (["objective.label_dropout=1.0"], "objective.label_dropout must be in [0, 1)"),
     (["objective.repa.block=9"], "objective.repa.block=9 must be within the model's 2 blocks"),

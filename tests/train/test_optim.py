@@ -44,3 +44,27 @@ def test_no_clipping_by_default_and_non_finite_steps_change_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(ValueError, match="max_grad_norm"):
         GuardedAdamW(list(net.parameters()), lr=1e-2, max_grad_norm=-1.0)
+
+
+@pytest.mark.slow
+def test_warmup_ramps_the_learning_rate_and_a_resumed_run_continues_it(tmp_path, epoch_shards):
+    """optim.warmup_steps: the learning rate rises linearly to optim.lr, then stays; a run stopped inside the
+    ramp and rerun (as `--steps N` or a requeue does) has every step's loss and learning rate of the
+    uninterrupted one, and the same final weights."""
+    from tests.train.runs import RUN_NAME, STEPS, assert_bitwise_equal, checkpoint_state, data_args, losses, run
+
+    warm = ["optim.warmup_steps=8", "optim.lr=1e-3"]
+    straight = tmp_path / "straight" / RUN_NAME
+    run(tmp_path / "s", data_args(epoch_shards, straight.parent) + warm, straight)
+    stopped = tmp_path / "stopped" / RUN_NAME
+    run(tmp_path / "a", data_args(epoch_shards, stopped.parent) + warm + ["train.max_steps=4"], stopped)
+    run(tmp_path / "b", data_args(epoch_shards, stopped.parent) + warm, stopped)
+
+    lrs = losses(straight, key="train/lr")
+    assert sorted(lrs) == list(range(1, STEPS + 1))
+    ramp = [lrs[s] for s in sorted(lrs)]
+    assert all(a < b for a, b in zip(ramp[:7], ramp[1:8])), ramp  # rising through the warm-up
+    assert ramp[0] < 2e-4 and ramp[-1] == pytest.approx(1e-3), ramp
+    assert losses(stopped, key="train/lr") == lrs
+    assert losses(stopped) == losses(straight)
+    assert_bitwise_equal(checkpoint_state(stopped, STEPS)["model"], checkpoint_state(straight, STEPS)["model"], "model")
