@@ -17,8 +17,8 @@ Running it again continues the run, or says first that it is complete and trains
 Ranks and threads: the demo trains on --ranks processes (default 1) of --threads torch threads each (default
 2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast
 as two), while a second data-parallel rank halves each rank's batch: on two cores, `--ranks 2 --threads 1`
-trains about 25% faster, to other numbers (README, "Two commands", has both). Threads sleep while they wait
-(OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with other work. The
+trains its steps about 20% faster (the whole demo 10%), to other numbers (README, "Two commands", has both).
+Threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with other work. The
 demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank count, thread count and code path
 each change the float rounding; with all three fixed, the numbers are the same on any x86-64 machine with
 AVX2 for the same torch build. A variable you set yourself is left as it is.

@@ -23,15 +23,21 @@ import sys
 from dip_scale.train.exits import EXIT_BAD_INPUT, EXIT_LOST_RANKS, EXIT_PREEMPTED, SIGNALS
 
 
+def exit_now(code: int) -> None:
+    """Flush and leave without the interpreter's exit: a download or data thread may still wait on a stalled
+    store, and finalising around it waits for its timeouts or aborts (SIGABRT) instead of returning `code`.
+    Only once nothing is left to save (checkpoints land under a temporary name first)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _leave(signum, frame):
     for sig in SIGNALS:  # on the way out: a second signal must not turn 75 into 143
         signal.signal(sig, signal.SIG_IGN)
     print(f"received {signal.Signals(signum).name} before training started: exiting with {EXIT_PREEMPTED}",
           file=sys.stderr, flush=True)
-    # Not sys.exit: the start may be inside a download whose worker threads wait on a stalled store, and the
-    # interpreter would wait for them at exit. Nothing is lost: downloads land under a temporary name first.
-    sys.stdout.flush()
-    os._exit(EXIT_PREEMPTED)
+    exit_now(EXIT_PREEMPTED)  # the start may be inside a stalled download
 
 
 def exit_on_signal() -> None:
@@ -170,11 +176,7 @@ def main(argv=None) -> int:
     except (Preempted, NonFiniteStop) as stop:
         trainer.close()
         if isinstance(stop, Preempted):
-            # Checkpoint written and loggers closed. Not a normal interpreter exit: a data thread may still
-            # wait on a stalled store, and finalizing around it can hang or abort (SIGABRT) instead of 75.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(int(stop.code))
+            exit_now(int(stop.code))  # checkpoint written, loggers closed; a data thread may wait on the store
         return int(stop.code)
     except Exception as err:
         if not lost_other_ranks(err):
@@ -194,9 +196,7 @@ def _lost(err: BaseException) -> int:
     first = str(err).splitlines()[0] if str(err) else ""
     print(f"error: lost contact with other ranks ({type(err).__name__}: {first}); exiting with {EXIT_LOST_RANKS}: "
           "rerun (requeue) to resume from the last checkpoint", file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(EXIT_LOST_RANKS)
+    exit_now(EXIT_LOST_RANKS)
 
 
 if __name__ == "__main__":
