@@ -15,13 +15,13 @@
 Running it again continues the run, or says first that it is complete and trains nothing.
 
 Ranks and threads: the demo trains on --ranks processes (default 1) of --threads torch threads each (default
-2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast
-as two), while a second data-parallel rank halves each rank's batch: on two cores, `--ranks 2 --threads 1`
-trains its steps about 20% faster (the whole demo 10%), to other numbers (README, "Two commands", has both).
-Threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with other work. The
-demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank count, thread count and code path
-each change the float rounding; with all three fixed, the numbers are the same on any x86-64 machine with
-AVX2 for the same torch build. A variable you set yourself is left as it is.
+2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast as
+two), while a second data-parallel rank halves each rank's batch: on two cores, `--ranks 2 --threads 1` trains
+its steps about 20% faster (the whole demo 10%), to other numbers (README, "Two commands", has both). Threads
+sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with
+other work. The demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank count, thread count
+and code path each change the float rounding; with all three fixed, the numbers are the same on any x86-64
+machine with AVX2 for the same torch build. A variable you set yourself is left as it is.
 
 FID needs torch-fidelity's Inception weights. When they are in the torch hub cache (or
 $DIP_INCEPTION_WEIGHTS) the demo uses them. Otherwise, since nothing is downloaded, it uses an Inception of
