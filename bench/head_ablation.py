@@ -6,6 +6,7 @@ head 6.92, + intra-patch attention 2.98, + coordinate MLP 2.20, + conv U-Net 2.1
     python bench/head_ablation.py --jobs 1 --threads 2      # one model at a time, two threads
     python bench/head_ablation.py --hidden-size 768 --num-heads 12 --head-width 32 --steps 1500   # fair setting
     python bench/head_ablation.py --models DiT-only,unet --json out.json
+    python bench/head_ablation.py ... --keep runs/ablation   # a stopped run continues where it was
 
 Every model is trained by fig3_detail.train: the same synthetic images (64 x 64, patch 16), the same
 batches, flow-matching draws and seed, AdamW, float32; they share the trunk (depth, width, heads) and
@@ -30,6 +31,11 @@ the paper's FID for the row. FID uses dip_scale.eval's Inception: torch-fidelity
 distances rank distributions but are not comparable with published FIDs. With fewer samples than feature
 dimensions the Frechet distance is computed from the samples' Gram matrices (frechet_distance: exact, and
 fast where a 2048 x 2048 matrix square root is not).
+
+Models start in the order of --models (put the costliest first: with two jobs the last one then runs
+alone for the shortest time); the table keeps the paper's order. With --keep DIR each model's result is
+saved in DIR as it finishes, and a rerun with the same DIR and the same settings reuses the saved ones and
+trains only the rest, so a long run that is stopped loses at most the models in flight.
 
 Costs are CPU seconds (user + system, all threads), which a loaded machine changes less than wall time.
 docs/benchmarks.md has measured tables, the fair setting's among them, side by side with the paper.
@@ -82,7 +88,7 @@ def model_configs(a: argparse.Namespace) -> dict[str, DiPConfig]:
     while f3.count_params(deeper) < f3.count_params(configs["unet"]):
         deeper = dataclasses.replace(deeper, depth=deeper.depth + 1)
     configs["DiT-only deeper"] = deeper
-    return {name: configs[name] for name in MODELS if name in a.models}
+    return {name: configs[name] for name in a.models}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
     p.add_argument("--work-dir", default=None, help="where the random Inception weights go (default: a temp dir)")
     p.add_argument("--json", default=None, help="save the numbers here")
+    p.add_argument("--keep", default=None, help="folder for each model's result as it finishes; a rerun with "
+                                                "the same folder and settings reuses them")
     a = p.parse_args(argv)
     a.times = [float(t) for t in a.times.split(",")]
     a.models = [m.strip() for m in a.models.split(",")]
@@ -243,7 +251,42 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown model(s) {unknown}; expected some of {list(MODELS)}")
     a.threads = a.threads or max(1, len(os.sched_getaffinity(0)) // a.jobs)
     a.num_samples = 0  # fig3_detail.evaluate's own sampling is not used here
+    if a.keep:
+        a.work_dir = a.work_dir or a.keep  # the random Inception of the saved features stays with them
     return a
+
+
+# Settings that do not change a model's numbers: the rest must match for a kept result to be reused.
+NOT_RESULT_SETTINGS = ("json", "work_dir", "num_samples", "keep", "models", "jobs", "threads")
+
+
+def kept_path(a: argparse.Namespace, name: str) -> Path:
+    return Path(a.keep) / (name.replace(" ", "_") + ".pt")
+
+
+def load_kept(a: argparse.Namespace, name: str, settings: dict) -> dict | None:
+    """The saved result of model `name`, or None. A result made with other settings stops the run (exit 2)."""
+    path = kept_path(a, name) if a.keep else None
+    if path is None or not path.is_file():
+        return None
+    kept = torch.load(path, weights_only=True)
+    same = {k: v for k, v in settings.items() if k not in NOT_RESULT_SETTINGS}
+    theirs = {k: v for k, v in kept["settings"].items() if k not in NOT_RESULT_SETTINGS}
+    if theirs != same:
+        diff = ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)} (now {same.get(k)})"
+                         for k in sorted(set(same) | set(theirs)) if theirs.get(k) != same.get(k))
+        print(f"error: {path} was made with other settings: {diff}; use another --keep folder", file=sys.stderr)
+        sys.exit(2)
+    print(f"{name}: reusing {path}", flush=True)
+    return kept["result"]
+
+
+def save_kept(a: argparse.Namespace, name: str, result: dict, settings: dict) -> None:
+    if a.keep:
+        path = kept_path(a, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"settings": settings, "result": result}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
 
 
 def main(argv=None) -> dict:
@@ -253,17 +296,24 @@ def main(argv=None) -> dict:
         a.work_dir = a.work_dir or tmp
         configs = model_configs(a)
         weights, real = inception_weights(a) if a.fid_samples else (None, None)
-        settings = {k: v for k, v in vars(a).items() if k not in ("json", "work_dir", "num_samples")}
+        settings = {k: v for k, v in vars(a).items() if k not in ("json", "work_dir", "num_samples", "keep")}
+        settings["real_inception"] = real
         report = {"settings": settings, "real_inception": real, "models": {}}
-        if a.jobs > 1:
+        done = {name: r for name in configs if (r := load_kept(a, name, settings)) is not None}
+        reused_cpu = sum(r["cpu_s"] for r in done.values())
+        todo = {name: config for name, config in configs.items() if name not in done}
+
+        def finished(name: str, result: dict) -> dict:
+            save_kept(a, name, result, settings)
+            return report_progress(name, result)
+
+        if a.jobs > 1 and len(todo) > 1:
             with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(run_model, name, config, a, weights): name
-                           for name, config in configs.items()}
-                done = {futures[f]: report_progress(futures[f], f.result()) for f in as_completed(futures)}
+                futures = {pool.submit(run_model, name, config, a, weights): name for name, config in todo.items()}
+                done |= {futures[f]: finished(futures[f], f.result()) for f in as_completed(futures)}
         else:
-            done = {name: report_progress(name, run_model(name, config, a, weights))
-                    for name, config in configs.items()}
-        results = {name: done[name] for name in configs}  # the paper's order
+            done |= {name: finished(name, run_model(name, config, a, weights)) for name, config in todo.items()}
+        results = {name: done[name] for name in MODELS if name in done}  # the paper's order
         if a.fid_samples:
             torch.set_num_threads(a.threads * a.jobs)
             x_ref, _ = f3.load_images(f3.EVAL_OFFSET, a.fid_samples, a.image_size, a.seed)
@@ -272,7 +322,7 @@ def main(argv=None) -> dict:
                 r["fid"] = frechet_distance(r.pop("sample_features"), reference)
     report["models"] = results
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report["cpu_s"] = cpu_seconds() + children.ru_utime + children.ru_stime
+    report["cpu_s"] = cpu_seconds() + children.ru_utime + children.ru_stime + reused_cpu
     report["wall_s"] = time.perf_counter() - t0
     print(format_table(report))
     if a.json:

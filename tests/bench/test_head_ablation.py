@@ -78,3 +78,23 @@ def test_cpu_mode_trains_and_measures_every_variant(bench_script, tmp_path):
         assert all(math.isfinite(m["psnr"]) and m["hf_error"] > 0 for m in r["per_t"].values())
         assert math.isfinite(r["fid"]) and r["fid"] > 0
     assert report["cpu_s"] >= sum(r["cpu_s"] for r in report["models"].values())
+
+
+def test_a_stopped_run_continues_from_the_kept_models(bench_script, tmp_path):
+    keep = tmp_path / "kept"
+    first = bench_script.run("head_ablation.py", *TINY, "--models", "unet,DiT-only", "--keep", str(keep))
+    assert sorted(p.name for p in keep.glob("*.pt")) == ["DiT-only.pt", "unet.pt"]
+    rows = {line[:16].strip(): line for line in first.stdout.splitlines()}
+    # The run goes on with one more model: the two kept ones are reused (same numbers), only mlp trains.
+    second = bench_script.run("head_ablation.py", *TINY, "--models", "mlp,unet,DiT-only", "--keep", str(keep))
+    assert "DiT-only: reusing" in second.stdout and "unet: reusing" in second.stdout
+    assert "mlp: loss" in second.stdout and "unet: loss" not in second.stdout
+    again = {line[:16].strip(): line for line in second.stdout.splitlines()}
+    assert [n for n in again if n in ("DiT-only", "mlp", "unet")] == ["DiT-only", "mlp", "unet"]  # paper order
+    for name in ("DiT-only", "unet"):
+        assert again[name] == rows[name]  # params, CPU s, loss, one-step numbers, FID: all the kept ones
+    # Other settings: refused with the file and the setting named, nothing trained.
+    other = bench_script.run("head_ablation.py", *[v if v != "3" else "4" for v in TINY], "--models", "unet",
+                             "--keep", str(keep), check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "unet.pt was made with other settings: --steps 3 (now 4)" in other.stderr
