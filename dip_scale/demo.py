@@ -12,7 +12,8 @@
    the Slurm job) measures FID and class accuracy against the reference split every `eval.every` steps;
 4. the whole table, the sample grids and the exact dip-sample / dip-eval commands for the run are printed.
 
-Running it again continues the run, or says first that it is complete and trains nothing.
+Running it again continues the run, or says first that it is complete and trains nothing. Ctrl-C while it
+trains checkpoints the step in progress and stops (a second Ctrl-C stops at once); the same command continues.
 
 Ranks and threads: the demo trains on --ranks processes (default 1) of --threads torch threads each (default
 2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast as
@@ -250,6 +251,13 @@ def write_real_grid(path: Path, classes: list[int], per_class: int) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
+# The composer launcher, with Ctrl-C as Python's KeyboardInterrupt again: importing composer makes SIGINT exit
+# the launcher with a traceback; as a KeyboardInterrupt, the launcher says "Ctrl-C received" and passes it on
+# to its ranks as SIGTERM, and they checkpoint the step in progress (train/callbacks/preemption.py).
+LAUNCHER = ("import signal, sys\nfrom composer.cli.launcher import main\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\nsys.exit(main())")
+
+
 def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str], log_dir: Path) -> int:
     """`composer -n RANKS -m dip_scale.train recipes/demo_cpu.yaml OVERRIDES`, as a user types it; the first
     rank writes to this terminal, the others to LOG_DIR/rank<R>.{out,err}. Returns its exit status (75: stopped
@@ -257,12 +265,23 @@ def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str],
     import subprocess
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(ranks),
+    cmd = [sys.executable, "-c", LAUNCHER, "-n", str(ranks),
            "--stdout", str(log_dir / "rank{rank}.out"), "--stderr", str(log_dir / "rank{rank}.err"),
            "-m", "dip_scale.train", str(RECIPE), *overrides]
     print(f"training on {ranks} rank(s) of {threads} thread(s) (composer -n {ranks} -m dip_scale.train "
           f"{os.path.relpath(RECIPE)} ...)", flush=True)
-    code = subprocess.run(cmd, env=train_environment(threads, users)).returncode
+    proc = subprocess.Popen(cmd, env=train_environment(threads, users))
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the launcher and the ranks got the same Ctrl-C: they checkpoint and stop
+        print("\nCtrl-C: the ranks checkpoint the step in progress and stop (Ctrl-C again: stop at once, losing "
+              "the steps since the last checkpoint)", file=sys.stderr, flush=True)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
     if code != 0:
         print(f"training exited with {code}" + (f"; the other ranks' logs: {log_dir}" if ranks > 1 else ""),
               file=sys.stderr)
@@ -289,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before and after options
     for name in ("ranks", "threads"):
         if getattr(args, name) <= 0:
             build_parser().error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -349,5 +368,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def interrupted(out: Path) -> int:
+    """After Ctrl-C: where the run stands and how to go on (130, the shell's status for it)."""
+    from dip_scale.checkpoint import newest_complete
+
+    done = None
+    for run in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
+        done = newest_complete(run) or done
+    where = f"the newest checkpoint is step {done[0]}" if done else "no checkpoint yet"
+    print(f"\ndemo stopped (Ctrl-C): {where}; the same command continues from there", file=sys.stderr)
+    return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(interrupted(Path(build_parser().parse_known_args()[0].out)))

@@ -1,12 +1,16 @@
 """The embedded default (`make demo`), shortened: data, classifier, training, scheduled evaluation with class
-accuracy, grids, the printed dip-sample / dip-eval commands, and a rerun that trains nothing."""
+accuracy, grids, the printed dip-sample / dip-eval commands, a rerun that trains nothing, and Ctrl-C while it
+trains on."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +77,26 @@ def test_demo_trains_evaluates_prints_working_commands_and_then_reports_complete
     assert rerun.stdout.splitlines()[0].startswith("run demo is already complete at step 20"), rerun.stdout[:500]
     assert "resuming" not in rerun.stdout + rerun.stderr
     assert len(list(csv.DictReader((run / "eval" / "results.csv").open()))) == 2
+
+    # Ctrl-C while it trains on: the step in progress is checkpointed, the demo says where it stands (130, no
+    # traceback), and the same command continues from that step to the end.
+    more = [sys.executable, "-m", "dip_scale.demo", "--out", str(out), *SHORT, "--steps", "60", "eval.every=0",
+            "logging.log_every=1"]
+    demo = subprocess.Popen(more, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in demo.stdout:
+        seen.append(line)
+        if line.startswith(("step 22/60", "step 23/60", "step 24/60")):
+            for sig in (signal.SIGSTOP, signal.SIGINT, signal.SIGCONT):  # as a terminal's Ctrl-C, at this step
+                os.killpg(demo.pid, sig)
+            break
+    stdout, stderr = demo.communicate(timeout=300)
+    assert demo.returncode == 130, "".join(seen) + stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stderr and "second signal" not in stdout + stderr, stderr[-3000:]
+    stopped = re.search(r"demo stopped \(Ctrl-C\): the newest checkpoint is step (\d+)", stderr)
+    assert stopped and 22 <= int(stopped.group(1)) < 60, stderr[-3000:]
+    done = subprocess.run(more, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming demo from step {stopped.group(1)}" in done.stdout + done.stderr
+    assert "DiP demo:" in done.stdout and (run / "checkpoints" / "step-000000060" / "manifest.json").is_file()

@@ -12,5 +12,6 @@ EXIT_PREEMPTED = 75
 EXIT_LOST_RANKS = 76
 """Lost contact with other ranks (a peer died, a node was lost, the network partitioned, or a collective waited
 longer than train.dist_timeout): requeue and rerun; nothing collective (a checkpoint) can run any more."""
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""What Slurm sends before preemption or the time limit (USR1 with --signal=B:USR1@120, then TERM)."""
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What Slurm sends before preemption or the time limit (USR1 with --signal=B:USR1@120, then TERM), and Ctrl-C
+(SIGINT), which the composer launcher passes on to its ranks as SIGTERM."""

@@ -112,6 +112,10 @@ class Run:
         for p in procs:
             p.send_signal(signal.SIGCONT)
 
+    def ctrl_c(self) -> None:
+        """Ctrl-C in the terminal of a `terminal=True` run: SIGINT to every process of its group at once."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
     def wait(self, timeout: float = 600) -> int:
         try:
             return self.proc.wait(timeout)
@@ -148,16 +152,20 @@ _OWN_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
 
 
 def start(out: Path, overrides: list[str], run_dir: Path, nproc: int = 1, env: dict | None = None,
-          node: tuple[int, int, int] | None = None) -> Run:
+          node: tuple[int, int, int] | None = None, terminal: bool = False) -> Run:
     """Start a training process; `run_dir` is where the run keeps its local files (for watching it).
 
     nproc > 1 starts the composer launcher with that many ranks; `node=(node_rank, nodes, master_port)` makes it
     one node of a multi-node job (each node a launcher of nproc ranks, as cluster/launch_node.sh runs them,
-    with a /dev/shm of its own)."""
+    with a /dev/shm of its own). terminal=True runs `composer -n nproc -m dip_scale.train ...` as typed in a
+    terminal: the launcher as shipped, in a process group of its own (see Run.ctrl_c)."""
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     args = ["-m", "dip_scale.train", str(TINY), *BASE, *overrides]
-    if nproc == 1 and node is None:
+    if terminal:
+        cmd = [str(bin_dir / "composer"), "-n", str(nproc), "--stdout", str(out / "rank{rank}.out"),
+               "--stderr", str(out / "rank{rank}.err"), *args]
+    elif nproc == 1 and node is None:
         cmd = [sys.executable, *args]
     else:
         # The launcher ignores the signals (as cluster/launch_node.sh does) and waits for its ranks.
@@ -176,7 +184,7 @@ def start(out: Path, overrides: list[str], run_dir: Path, nproc: int = 1, env: d
     metrics = run_dir / "metrics.jsonl"
     offset = metrics.stat().st_size if metrics.is_file() else 0
     with open(out / "stdout.txt", "ab") as stdout, open(out / "stderr.txt", "ab") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=stdout, stderr=stderr, start_new_session=terminal)
     return Run(proc, cmd, out, run_dir, nproc, offset)
 
 

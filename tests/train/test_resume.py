@@ -165,3 +165,22 @@ def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path, epoch_shards):
     assert losses(run_dir) == losses(straight.run_dir)
     assert samples_by_step(run_dir) == samples_by_step(straight.run_dir)
     assert_bitwise_equal(final_model(run_dir, 6), final_model(straight.run_dir, 6), "model and EMA")
+
+
+def test_ctrl_c_in_a_terminal_checkpoints_and_the_same_command_continues(tmp_path, epoch_shards, straight_run):
+    """`composer -n 1 -m dip_scale.train ...` in a terminal, Ctrl-C: the rank gets SIGINT from the terminal and
+    then SIGTERM from the launcher passing it on; that is one request, not two, so the step in progress is
+    checkpointed and the launcher ends with 75. Rerunning the command continues to the straight run's end."""
+    args = data_args(epoch_shards, tmp_path / "ckpt")
+    run_dir = tmp_path / "ckpt" / RUN_NAME
+    first = start(tmp_path / "1", args, run_dir, terminal=True)
+    first.wait_step(random.randint(2, STEPS - 4))
+    first.ctrl_c()
+    assert first.wait() == EXIT_PREEMPTED, first.log()
+    log = first.log()
+    assert "received SIGINT" in log and "second signal" not in log, log
+    preempted = int(re.search(r"preempted at step (\d+)", log).group(1))
+    assert preempted in complete_steps(run_dir), log
+    second = run(tmp_path / "2", args, run_dir)
+    assert resumed_from(second.log()) == preempted
+    assert_same_as_straight(straight_run, run_dir)

@@ -1,5 +1,6 @@
-"""Checkpoint on SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit), or when the data
-store stays unreachable, then exit with EXIT_PREEMPTED, which cluster/train.sh turns into a requeue.
+"""Checkpoint on SIGTERM / SIGUSR1 (what Slurm sends before preemption or the time limit), on Ctrl-C, or when
+the data store stays unreachable, then exit with EXIT_PREEMPTED, which cluster/train.sh turns into a requeue
+(and after which the same command continues).
 
 The handler only raises a flag. When the next batch has been fetched and before the step runs, the ranks
 agree (one max-reduce) on two things: did any rank get a signal, and did any rank get a stop batch instead of
@@ -8,7 +9,9 @@ while waiting for one). If so, every rank takes part in a checkpoint of the last
 position is that step's: the fetched batch is not lost), uploads are waited for up to the grace period, and
 the process exits.
 A second signal exits at once: the checkpoint being written then has no manifest, so it never counts as
-complete (see dip_scale.checkpoint). Before training starts (imports, resume, download), a signal exits
+complete (see dip_scale.checkpoint). The exception is a SIGTERM after a SIGINT: Ctrl-C in a terminal reaches
+the ranks and their composer launcher together, and the launcher passes it on as SIGTERM, so that one is the
+same request (a second Ctrl-C still exits at once). Before training starts (imports, resume, download), a signal exits
 with EXIT_PREEMPTED at once: there is nothing new to save (the handler __main__ installs first of all).
 """
 
@@ -48,19 +51,23 @@ class PreemptionCheckpoint(Callback):
         self.saver = saver
         self.grace = grace
         self.signal: int | None = None
+        self.relayed = False
 
     def fit_start(self, state: State, logger: Logger):
         # Replaces the start's handler (exit 75 at once: nothing new to save) and Composer's (exit 143).
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         if dist.get_global_rank() == 0:
-            log.info("training %s from step %d; from now on SIGTERM / SIGUSR1 checkpoint, then exit %d",
+            log.info("training %s from step %d; from now on SIGTERM / SIGUSR1 / Ctrl-C checkpoint, then exit %d",
                      state.run_name, int(state.timestamp.batch), EXIT_PREEMPTED)
 
     def stop_requested(self) -> bool:
         return self.signal is not None
 
     def _handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGTERM and not self.relayed:
+            self.relayed = True  # the launcher passing on the same Ctrl-C
+            return
         if self.signal is not None:
             log.error("second signal %s: exiting now without waiting for the checkpoint", signal.Signals(signum).name)
             os._exit(EXIT_PREEMPTED)
