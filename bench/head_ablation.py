@@ -4,7 +4,7 @@ head 6.92, + intra-patch attention 2.98, + coordinate MLP 2.20, + conv U-Net 2.1
 
     python bench/head_ablation.py                     # defaults: about 10 minutes on two CPU cores
     python bench/head_ablation.py --jobs 1 --threads 2      # one model at a time, two threads
-    python bench/head_ablation.py --hidden-size 768 --num-heads 12 --head-width 32 --steps 1500   # fair setting
+    python bench/head_ablation.py --hidden-size 768 --num-heads 12 --head-width 32 --steps 1500   # fair: 2 h 13 min
     python bench/head_ablation.py --models DiT-only,unet --json out.json
     python bench/head_ablation.py ... --keep runs/ablation   # a stopped run continues where it was
 
