@@ -82,8 +82,9 @@ def test_demo_trains_evaluates_prints_working_commands_and_then_reports_complete
     # traceback), and the same command continues from that step to the end.
     more = [sys.executable, "-m", "dip_scale.demo", "--out", str(out), *SHORT, "--steps", "60", "eval.every=0",
             "logging.log_every=1"]
-    demo = subprocess.Popen(more, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with open(tmp_path / "ctrl-c.err", "w") as err:  # a file: a full stderr pipe would stall the demo
+        demo = subprocess.Popen(more, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                                start_new_session=True)
     seen = []
     for line in demo.stdout:
         seen.append(line)
@@ -91,7 +92,8 @@ def test_demo_trains_evaluates_prints_working_commands_and_then_reports_complete
             for sig in (signal.SIGSTOP, signal.SIGINT, signal.SIGCONT):  # as a terminal's Ctrl-C, at this step
                 os.killpg(demo.pid, sig)
             break
-    stdout, stderr = demo.communicate(timeout=300)
+    stdout = demo.communicate(timeout=300)[0]
+    stderr = (tmp_path / "ctrl-c.err").read_text()
     assert demo.returncode == 130, "".join(seen) + stdout[-2000:] + stderr[-3000:]
     assert "Traceback" not in stderr and "second signal" not in stdout + stderr, stderr[-3000:]
     stopped = re.search(r"demo stopped \(Ctrl-C\): the newest checkpoint is step (\d+)", stderr)
