@@ -277,11 +277,11 @@ def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str],
         print("\nCtrl-C: the ranks checkpoint the step in progress and stop (Ctrl-C again: stop at once, losing "
               "the steps since the last checkpoint)", file=sys.stderr, flush=True)
         try:
-            code = proc.wait()
+            proc.wait()
         except KeyboardInterrupt:
             proc.kill()
             proc.wait()
-        raise
+        raise  # main's caller says where the run stands (interrupted)
     if code != 0:
         print(f"training exited with {code}" + (f"; the other ranks' logs: {log_dir}" if ranks > 1 else ""),
               file=sys.stderr)
