@@ -213,7 +213,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
 
     if e.every < 0:
         raise ConfigError(f"{source}: eval.every must be >= 0 (0 = never), got {e.every}")
-    _one_of(source, "eval.mode", e.mode, ("local", "slurm"))
+    _one_of(source, "eval.mode", e.mode, ("local", "process", "slurm"))
     if e.every:
         _positive(source, eval__num_samples=e.num_samples, eval__batch_size=e.batch_size)
         if e.num_samples % net.num_classes:

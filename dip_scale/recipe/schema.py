@@ -270,7 +270,8 @@ class EvalConfig:
     every: int = 0
     """Evaluate the newest checkpoint every this many steps (0 = never)."""
     mode: str = "local"
-    """local (in-process, small N) or slurm (submit cluster/eval_fid.sh for each evaluation)."""
+    """local (in-process: training waits), process (dip-eval as a process of its own beside training, on this
+    machine) or slurm (submit cluster/eval_fid.sh for each evaluation)."""
     num_samples: int = 1000
     """N: samples per evaluation, a multiple of the number of classes (class-balanced)."""
     batch_size: int = 64

@@ -97,7 +97,7 @@ def check_eval(recipe: Recipe) -> None:
         elif p.is_file():
             raise ConfigError(f"eval.reference={ref} is a file but not an .npz; expected an ADM reference .npz, "
                               "a folder of MDS shards or of images, or an s3:// URL")
-    if e.mode == "local" or e.inception_path:
+    if e.mode != "slurm" or e.inception_path:  # slurm: the job's machine may have them where this one does not
         try:
             find_weights(e.inception_path)
         except FileNotFoundError as err:
@@ -116,4 +116,4 @@ def check_eval(recipe: Recipe) -> None:
                               "its absolute path)")
         if shutil.which("sbatch") is None:
             raise ConfigError("eval.mode=slurm but sbatch is not on PATH: run inside a Slurm cluster, or set "
-                              "eval.mode=local (in-process) or eval.every=0")
+                              "eval.mode=local (in-process), eval.mode=process (beside training) or eval.every=0")

@@ -4,6 +4,13 @@ mode "local" (the embedded default): in-process, small N, on the EMA weights. Ev
     share (the model's `ema_network()` context, collective for a sharded EMA); rank 0 computes the
     metrics, writes <run>/eval/step-<N>.n<num_samples>.json, updates the run's table and plot
     (dip_scale.eval.results) and logs eval/* to Composer's loggers at the current step.
+mode "process": rank 0 starts `python -m dip_scale.eval.cli` (dip-eval, the program the Slurm job runs) on
+    the newest complete checkpoint as a process of its own on this machine, and training goes on beside it:
+    for spare capacity (the CPU demo's second core, a GPU that training does not use). Its results land where
+    local mode's do (<run>/eval/step-<N>.n<num_samples>.json, the run's table and plot), its output in
+    <run>/eval/step-<N>.n<num_samples>.log; the pid goes to <run>/eval/jobs.jsonl. At the end of training the
+    run waits for its evaluations. An evaluation whose process did not finish (the run was stopped or killed
+    with it) is started again when the run resumes, if its checkpoint is still there.
 mode "slurm": rank 0 submits `sbatch cluster/eval_fid.sh <newest checkpoint> <dip-eval args>` for the
     newest complete checkpoint of the run (<run>/checkpoints/step-N with its manifest) from a background
     thread, so training never waits; the job id goes to <run>/eval/jobs.jsonl and the job itself appends
@@ -35,7 +42,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.nn.parallel import DistributedDataParallel
 
-from dip_scale.checkpoint import newest_complete
+from dip_scale.checkpoint import MANIFEST, newest_complete
 from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.eval.classifier import SCORES, SyntheticClassifier
 from dip_scale.eval.evaluate import EvalSettings, evaluate_model
@@ -51,7 +58,7 @@ class ScheduledEval(Callback):
     """The values come validated (recipe/load.py: ranges and combinations; train/preflight.py: the reference,
     the Inception weights and the job script exist).
 
-    Args: every (steps), mode (local | slurm), num_samples (N, a multiple of the classes), batch_size (per
+    Args: every (steps), mode (local | process | slurm), num_samples (N, a multiple of the classes), batch_size (per
     rank), reference (ADM .npz, shards or image folder), inception_path (None: $DIP_INCEPTION_WEIGHTS or the
     torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and eval/),
     seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches), script
@@ -78,6 +85,7 @@ class ScheduledEval(Callback):
         self.ref_stats = None
         self.submitted_step = -1
         self._threads: list[threading.Thread] = []
+        self._processes: list[tuple[int, subprocess.Popen, Path]] = []  # mode process: (step, process, log)
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -87,8 +95,11 @@ class ScheduledEval(Callback):
         if wandb_run is not None and self.mode == "local":  # eval/* against the evaluated checkpoint's step
             wandb_run.define_metric("eval/step")
             wandb_run.define_metric("eval/*", step_metric="eval/step")
-        if self.mode == "slurm":  # a resumed run does not submit again what it submitted before
-            self.submitted_step = max((j["step"] for j in read_jobs(self.run_dir) if "job_id" in j), default=-1)
+        if self.mode != "local":  # a resumed run does not submit again what it submitted before
+            started = [j for j in read_jobs(self.run_dir) if "job_id" in j or "pid" in j]
+            self.submitted_step = max((j["step"] for j in started), default=-1)
+            if self.mode == "process" and world()[0] == 0:
+                self.restart_lost(started)
         if self.mode == "local" and self.inception is None:
             device = next(_network(state).parameters()).device
             # Building the network draws its (overwritten) initial weights from the global generator.
@@ -111,6 +122,12 @@ class ScheduledEval(Callback):
     def fit_end(self, state: State, logger: Logger):
         for t in self._threads:
             t.join(timeout=120)
+        for step, proc, log_path in self._processes:  # the run's table is complete when training returns
+            if proc.poll() is None:
+                log.info("waiting for the evaluation of step %d (process %d)", step, proc.pid)
+            if proc.wait():
+                log.error("the evaluation of step %d exited with %d; its output: %s", step, proc.returncode,
+                          log_path)
 
     # -- local --------------------------------------------------------------------------------------
 
@@ -128,7 +145,7 @@ class ScheduledEval(Callback):
                              reference=self.reference, wall_time_s=out.total_s, generation_s=out.generation_s,
                              images_per_s=out.images_per_s, world_size=world_size,
                              inception=self.inception.fingerprint, mode="local")
-        write_json(str(self.run_dir / EVAL_DIR / f"step-{step:09d}.n{self.num_samples}.json"), record)
+        write_json(str(self.record_path(step)), record)
         append_to_run(self.run_dir, record)
         metrics = record["metrics"]
         logger.log_metrics({"eval/step": step, **{f"eval/{m}": metrics[m] for m in (*METRICS, *SCORES)
@@ -141,10 +158,15 @@ class ScheduledEval(Callback):
     # -- slurm --------------------------------------------------------------------------------------
 
     def command(self, checkpoint: Path) -> list[str]:
-        cmd = ["sbatch", "--parsable", *self.sbatch_args, str(self.script), str(checkpoint),
-               "--reference", self.reference, "--num-samples", str(self.num_samples),
-               "--batch-size", str(self.batch_size), "--seed", str(self.seed), *sampler_args(self.sampler),
-               "--run-dir", str(self.run_dir.resolve())]
+        """The Slurm submission (mode slurm) or the process (mode process) that evaluates `checkpoint`."""
+        args = [str(checkpoint), "--reference", self.reference, "--num-samples", str(self.num_samples),
+                "--batch-size", str(self.batch_size), "--seed", str(self.seed), *sampler_args(self.sampler),
+                "--run-dir", str(self.run_dir.resolve())]
+        if self.mode == "slurm":
+            cmd = ["sbatch", "--parsable", *self.sbatch_args, str(self.script), *args]
+        else:  # the record where local mode writes its own
+            record = self.record_path(int(Path(checkpoint).name.rsplit("-", 1)[-1])).resolve()
+            cmd = [sys.executable, "-m", "dip_scale.eval.cli", "--no-progress", *args, "--out", str(record)]
         if self.inception_path:
             cmd += ["--inception-weights", str(Path(self.inception_path).resolve())]
         if self.classifier_path:
@@ -159,8 +181,12 @@ class ScheduledEval(Callback):
                 cmd += ["--wandb-entity", wandb_run.entity]
         return cmd + self.eval_args
 
+    def record_path(self, step: int) -> Path:
+        return self.run_dir / EVAL_DIR / f"step-{step:09d}.n{self.num_samples}.json"
+
     def submit(self, step: int) -> threading.Thread | None:
-        """Submit the newest complete checkpoint not yet submitted, in a background thread."""
+        """Submit the newest complete checkpoint not yet submitted: in a background thread (slurm) or as a
+        process of its own (process)."""
         found = newest_complete(self.run_dir)
         if found is None or found[0] <= self.submitted_step:
             log.warning("step %d: no new complete checkpoint under %s to evaluate (newest: %s)", step,
@@ -168,6 +194,9 @@ class ScheduledEval(Callback):
             return None
         ck_step, ck_path = found
         self.submitted_step = ck_step
+        if self.mode == "process":
+            self.start_process(ck_step, ck_path.resolve())
+            return None
         thread = threading.Thread(target=self._sbatch, args=(ck_step, ck_path.resolve()), daemon=True,
                                   name=f"eval-submit-{ck_step}")
         thread.start()
@@ -196,6 +225,62 @@ class ScheduledEval(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "jobs.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    # -- process ------------------------------------------------------------------------------------
+
+    def start_process(self, step: int, checkpoint: Path) -> subprocess.Popen | None:
+        """Start dip-eval on `checkpoint` beside training; recorded in jobs.jsonl with its pid."""
+        running = [s for s, proc, _ in self._processes if proc.poll() is None]
+        if running:
+            log.warning("the evaluation of step %s is still running; step %d's starts beside it", running, step)
+        folder = self.run_dir / EVAL_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / f"step-{step:09d}.n{self.num_samples}.log"
+        cmd = self.command(checkpoint)
+        entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd, "log": str(log_path),
+                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        # Not this rank's process group (dip-eval would join it as a rank of its own), nor its wandb service.
+        env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES and k != "WANDB_SERVICE"}
+        proc = None
+        try:
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+            entry["pid"] = proc.pid
+            self._processes.append((step, proc, log_path))
+            log.info("evaluating step %d beside training (process %d, output in %s)", step, proc.pid, log_path)
+        except OSError as err:  # an evaluation that cannot start must not stop training
+            entry["error"] = f"could not start dip-eval: {err}"
+            log.error("FID evaluation of %s not started: %s", checkpoint, entry["error"])
+        with open(folder / "jobs.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return proc
+
+    def restart_lost(self, started: list[dict]) -> None:
+        """Start again the evaluations of an earlier start of this run whose process ended without a result
+        (stopped or killed with the run), where the checkpoint is still there."""
+        newest = {job["step"]: job for job in started if "pid" in job}  # a step started again: its last start
+        for job in newest.values():
+            if self.record_path(job["step"]).is_file() or _alive(job["pid"], job["checkpoint"]):
+                continue
+            checkpoint = Path(job["checkpoint"])
+            if (checkpoint / MANIFEST).is_file():
+                log.warning("the evaluation of step %d did not finish; starting it again", job["step"])
+                self.start_process(job["step"], checkpoint)
+            else:
+                log.warning("the evaluation of step %d did not finish, and its checkpoint %s is gone",
+                            job["step"], checkpoint)
+
+
+# The variables Composer's launcher gives each rank: a process that inherits them believes it is a rank.
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _alive(pid: int, checkpoint: str) -> bool:
+    """Whether process `pid` is still an evaluation of `checkpoint` (not a new process with a reused pid)."""
+    try:
+        return checkpoint.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def read_jobs(run_dir: Path) -> list[dict]:

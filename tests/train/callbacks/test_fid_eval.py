@@ -1,5 +1,6 @@
 """ScheduledEval through the real trainer (the tiny CPU recipe, built by dip_scale.train.build): local mode
-writes results for the expected steps and leaves training unchanged; slurm mode submits
+writes results for the expected steps and leaves training unchanged; process mode runs dip-eval beside
+training, waits for it at the end and starts again on resume what a stopped run lost; slurm mode submits
 cluster/eval_fid.sh to a real local Slurm for the newest checkpoint, and the job adds its row."""
 
 from __future__ import annotations
@@ -119,6 +120,51 @@ def test_n_that_does_not_split_over_the_classes_fails_before_training(tmp_path, 
     with pytest.raises(ValueError, match=r"number of samples \(15\) must be divisible by the number of classes"):
         trainer.fit()
     assert int(trainer.state.timestamp.batch) == 0
+
+
+def test_process_mode_evaluates_beside_training_and_the_run_waits_for_it(tmp_path, reference, inception_weights):
+    """Two ranks through Composer's launcher, as users start them: the dip-eval that rank 0 starts must not
+    take the launcher's variables (WORLD_SIZE=2, ...) for a process group of its own."""
+    from tests.train import launch
+
+    run = tmp_path / "runs" / "tiny"
+    launch.train([f"data.remote={shards(tmp_path / 'data')}", f"checkpoint.save_folder={tmp_path / 'runs'}",
+                  "run_name=tiny", f"train.max_steps={STEPS}", "train.global_batch_size=8", "sampler.steps=2",
+                  "sampler.guidance_scale=1.5", "checkpoint.every=2",
+                  *eval_overrides(reference, inception_weights, mode="process")], nproc=2, logs=tmp_path / "logs")
+    folder = run / "eval"
+    jobs = [json.loads(line) for line in (folder / "jobs.jsonl").read_text().splitlines()]
+    assert [(j["step"], Path(j["checkpoint"]).name) for j in jobs] == [(2, "step-000000002"), (4, "step-000000004")]
+    assert jobs[0]["command"][1:3] == ["-m", "dip_scale.eval.cli"] and all("pid" in j for j in jobs), jobs
+    for step in (2, 4):  # finished when training returned, written where local mode writes
+        path = folder / f"step-{step:09d}.n10.json"
+        assert path.is_file(), (folder / f"step-{step:09d}.n10.log").read_text()[-3000:]
+        record = json.loads(path.read_text())
+        assert record["step"] == step and record["mode"] == "dip-eval" and record["metrics"]["fid"] > 0
+        assert record["sampler"]["steps"] == 2 and record["sampler"]["guidance_scale"] == 1.5
+    rows = [line.split(",")[:2] for line in (folder / "results.csv").read_text().splitlines()[1:]]
+    assert sorted(rows) == [["2", "10"], ["4", "10"]]
+
+
+def test_process_mode_starts_again_on_resume_an_evaluation_the_stopped_run_lost(tmp_path, reference,
+                                                                                 inception_weights, caplog):
+    import subprocess
+
+    run = train(tmp_path, ["checkpoint.every=2"])
+    # The stopped start had started dip-eval on step 2 and was killed with it: a pid that is gone, no result.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run / "eval").mkdir()
+    (run / "eval" / "jobs.jsonl").write_text(json.dumps(
+        {"step": 2, "checkpoint": str((run / "checkpoints" / "step-000000002").resolve()), "pid": gone.pid}) + "\n")
+    with caplog.at_level("WARNING", logger="dip_scale.train.callbacks.fid_eval"):
+        train(tmp_path, ["checkpoint.every=2", "train.max_steps=6",
+                         *eval_overrides(reference, inception_weights, mode="process")])
+    assert "the evaluation of step 2 did not finish; starting it again" in caplog.text
+    jobs = [json.loads(line) for line in (run / "eval" / "jobs.jsonl").read_text().splitlines()]
+    assert [j["step"] for j in jobs] == [2, 2, 6]  # not 4: submitted up to step 2 before, 6 is the next one
+    for step in (2, 6):
+        assert json.loads((run / "eval" / f"step-{step:09d}.n10.json").read_text())["step"] == step
 
 
 @pytest.mark.slurm
