@@ -8,21 +8,24 @@
 2. a classifier of the ten synthetic classes is trained once on other synthetic images and kept next to the
    data (dip_scale.eval.classifier): does a sample of class c look like c, by texture and by colours?
 3. `composer -n 1 -m dip_scale.train recipes/demo_cpu.yaml` (or -n 2: --ranks) trains through Composer with
-   the streaming loader, checkpoints and auto-resume; the scheduled evaluation (in-process, standing in for
-   the Slurm job) measures FID and class accuracy against the reference split every `eval.every` steps;
+   the streaming loader, checkpoints and auto-resume; every `eval.every` steps the scheduled evaluation starts
+   dip-eval on the newest checkpoint beside training (eval.mode=process, standing in for the Slurm job), which
+   measures FID and class accuracy against the reference split; meanwhile the demo scores real images the
+   same way (the floor of both numbers);
 4. the whole table, the sample grids and the exact dip-sample / dip-eval commands for the run are printed.
 
 Running it again continues the run, or says first that it is complete and trains nothing. Ctrl-C while it
 trains checkpoints the step in progress and stops (a second Ctrl-C stops at once); the same command continues.
 
 Ranks and threads: the demo trains on --ranks processes (default 1) of --threads torch threads each (default
-2). The demo model's operations are too small for a second thread to speed them up (one thread is as fast as
-two), while a second data-parallel rank halves each rank's batch: on two cores, `--ranks 2 --threads 1` trains
-its steps about 20% faster (the whole demo 10%), to other numbers (README, "Two commands", has both). Threads
-sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a machine busy with
-other work. The demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank count, thread count
-and code path each change the float rounding; with all three fixed, the numbers are the same on any x86-64
-machine with AVX2 for the same torch build. A variable you set yourself is left as it is.
+2); the evaluations that run beside training use as many. The demo model's operations are small: a second
+thread speeds a training step up by a few percent only, and a second data-parallel rank halves each rank's
+batch, to other numbers (README, "Two commands", has the measurements). The classifier is trained with two
+threads before training starts, and the real images are scored with one thread while it trains, whatever the
+flags. Threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): spinning threads multiply the run time on a
+machine busy with other work. The demo also pins torch's, oneDNN's and MKL's CPU code paths to AVX2. Rank
+count, thread count and code path each change the float rounding; with all three fixed, the numbers are the
+same on any x86-64 machine with AVX2 for the same torch build. A variable you set yourself is left as it is.
 
 FID needs torch-fidelity's Inception weights. When they are in the torch hub cache (or
 $DIP_INCEPTION_WEIGHTS) the demo uses them. Otherwise, since nothing is downloaded, it uses an Inception of
@@ -45,6 +48,7 @@ RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 RESOLUTION = 32
 TRAIN_IMAGES, REFERENCE_IMAGES = 4096, 200  # seeds 0 and 1; the classifier's images use other seeds
 REAL_CHECK_SEED = 2  # real images scored like samples: the floor of both numbers
+CLASSIFIER_THREADS = 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,8 +68,8 @@ def cpu_settings(threads: int) -> dict[str, str]:
 
 
 def pin_cpu(threads: int) -> None:
-    """The demo process's own settings (its classifier and checks use `threads` threads); the training ranks
-    get theirs from train_environment."""
+    """The demo process's own settings (its classifier uses `threads` threads); the training ranks get theirs
+    from train_environment."""
     if "torch" in sys.modules:  # an in-process caller imported it already: only the thread count still applies
         print("note: torch was imported before the demo set its CPU environment; only the thread count applies")
     for key, value in cpu_settings(threads).items():
@@ -258,10 +262,12 @@ LAUNCHER = ("import signal, sys\nfrom composer.cli.launcher import main\n"
             "signal.signal(signal.SIGINT, signal.default_int_handler)\nsys.exit(main())")
 
 
-def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str], log_dir: Path) -> int:
+def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str], log_dir: Path,
+          beside=None) -> int:
     """`composer -n RANKS -m dip_scale.train recipes/demo_cpu.yaml OVERRIDES`, as a user types it; the first
-    rank writes to this terminal, the others to LOG_DIR/rank<R>.{out,err}. Returns its exit status (75: stopped
-    by a signal after a checkpoint; the same command continues)."""
+    rank writes to this terminal, the others to LOG_DIR/rank<R>.{out,err}. `beside()` runs in this process while
+    the ranks train. Returns the launcher's exit status (75: stopped by a signal after a checkpoint; the same
+    command continues)."""
     import subprocess
 
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +278,11 @@ def train(ranks: int, threads: int, users: dict[str, str], overrides: list[str],
           f"{os.path.relpath(RECIPE)} ...)", flush=True)
     proc = subprocess.Popen(cmd, env=train_environment(threads, users))
     try:
+        if beside is not None:
+            try:
+                beside()
+            except Exception as err:  # noqa: BLE001  (done again after training; training goes on)
+                print(f"note: {err!r} beside training; tried again at the end", file=sys.stderr, flush=True)
         code = proc.wait()
     except KeyboardInterrupt:  # the launcher and the ranks got the same Ctrl-C: they checkpoint and stop
         print("\nCtrl-C: the ranks checkpoint the step in progress and stop (Ctrl-C again: stop at once, losing "
@@ -313,7 +324,7 @@ def main(argv=None) -> int:
         if getattr(args, name) <= 0:
             build_parser().error(f"--{name} must be positive, got {getattr(args, name)}")
     users = {key: os.environ[key] for key in cpu_settings(1) if key in os.environ}
-    pin_cpu(args.ranks * args.threads)  # the demo's own work runs alone, on every core the ranks will use
+    pin_cpu(CLASSIFIER_THREADS)  # before training, alone on the machine: the same classifier for any flags
 
     from dip_scale.checkpoint import newest_complete
     from dip_scale.eval.grid import default_classes
@@ -345,7 +356,14 @@ def main(argv=None) -> int:
         if not real_weights:
             print("note: torch-fidelity's Inception weights are not in the torch hub cache, and nothing is "
                   "downloaded: FID below uses an Inception with fixed random weights (see the end).", flush=True)
-        code = train(args.ranks, args.threads, users, [*overrides, f"eval.inception_path={weights}"], out / "logs")
+        def beside():  # the real images' scores while the ranks train, on the core the evaluations use
+            import torch
+
+            torch.set_num_threads(int(users.get("OMP_NUM_THREADS", 1)))
+            real_check(out, weights, data / "reference", classifier, recipe.eval.num_samples)
+
+        code = train(args.ranks, args.threads, users, [*overrides, f"eval.inception_path={weights}"], out / "logs",
+                     beside=beside)
         if code != 0:
             return code
 

@@ -44,7 +44,7 @@ def test_demo_trains_evaluates_prints_working_commands_and_then_reports_complete
     assert (out / "data" / "train" / "index.json").is_file() and (out / "data" / "reference" / "index.json").is_file()
     run = out / "runs" / "demo"
     rows = list(csv.DictReader((run / "eval" / "results.csv").open()))
-    assert [int(r["step"]) for r in rows] == [10, 20]  # the scheduled, in-process evaluation
+    assert [int(r["step"]) for r in rows] == [10, 20]  # the scheduled evaluation, beside training
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 for r in rows)
     assert all(0.0 <= float(r["class_accuracy"]) <= 1.0 for r in rows)
     assert (run / "eval" / "fid_vs_step.png").is_file()

@@ -112,6 +112,8 @@ class ScheduledEval(Callback):
 
     def batch_end(self, state: State, logger: Logger):
         step = int(state.timestamp.batch)
+        if self._processes:
+            self.report_finished()
         if step % self.every:
             return
         if self.mode == "local":
@@ -122,12 +124,11 @@ class ScheduledEval(Callback):
     def fit_end(self, state: State, logger: Logger):
         for t in self._threads:
             t.join(timeout=120)
-        for step, proc, log_path in self._processes:  # the run's table is complete when training returns
+        for step, proc, _ in self._processes:  # the run's table is complete when training returns
             if proc.poll() is None:
                 log.info("waiting for the evaluation of step %d (process %d)", step, proc.pid)
-            if proc.wait():
-                log.error("the evaluation of step %d exited with %d; its output: %s", step, proc.returncode,
-                          log_path)
+                proc.wait()
+        self.report_finished()
 
     # -- local --------------------------------------------------------------------------------------
 
@@ -150,9 +151,7 @@ class ScheduledEval(Callback):
         metrics = record["metrics"]
         logger.log_metrics({"eval/step": step, **{f"eval/{m}": metrics[m] for m in (*METRICS, *SCORES)
                                                   if metrics.get(m) is not None}})
-        judged = (f", class accuracy {metrics['class_accuracy']:.0%} (texture {metrics['texture_accuracy']:.0%}, "
-                  f"colours {metrics['colour_accuracy']:.0%})" if "class_accuracy" in metrics else "")
-        log.info("step %d: FID %.4f%s (N=%d, %.1f s)", step, metrics["fid"], judged, self.num_samples, out.total_s)
+        log.info("%s", summary(record))
         return record
 
     # -- slurm --------------------------------------------------------------------------------------
@@ -230,7 +229,7 @@ class ScheduledEval(Callback):
 
     def start_process(self, step: int, checkpoint: Path) -> subprocess.Popen | None:
         """Start dip-eval on `checkpoint` beside training; recorded in jobs.jsonl with its pid."""
-        running = [s for s, proc, _ in self._processes if proc.poll() is None]
+        running = [s for s, proc, _ in self._processes if proc.poll() is None]  # not yet reported
         if running:
             log.warning("the evaluation of step %s is still running; step %d's starts beside it", running, step)
         folder = self.run_dir / EVAL_DIR
@@ -255,6 +254,17 @@ class ScheduledEval(Callback):
             f.write(json.dumps(entry) + "\n")
         return proc
 
+    def report_finished(self) -> None:
+        """Say what each evaluation process that has ended found (or where its output is, if it failed)."""
+        for entry in [e for e in self._processes if e[1].poll() is not None]:
+            self._processes.remove(entry)
+            step, proc, log_path = entry
+            try:
+                log.info("%s, beside training", summary(json.loads(self.record_path(step).read_text())))
+            except (OSError, ValueError):
+                log.error("the evaluation of step %d exited with %d without a result; its output: %s", step,
+                          proc.returncode, log_path)
+
     def restart_lost(self, started: list[dict]) -> None:
         """Start again the evaluations of an earlier start of this run whose process ended without a result
         (stopped or killed with the run), where the checkpoint is still there."""
@@ -273,6 +283,15 @@ class ScheduledEval(Callback):
 
 # The variables Composer's launcher gives each rank: a process that inherits them believes it is a rank.
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def summary(record: dict) -> str:
+    """One line for the log: "step N: FID ..., class accuracy ... (N=..., ... s)"."""
+    metrics = record["metrics"]
+    judged = (f", class accuracy {metrics['class_accuracy']:.0%} (texture {metrics['texture_accuracy']:.0%}, "
+              f"colours {metrics['colour_accuracy']:.0%})" if metrics.get("class_accuracy") is not None else "")
+    return (f"step {record['step']}: FID {metrics['fid']:.4f}{judged} (N={record['num_samples']}, "
+            f"{record['wall_time_s']:.1f} s)")
 
 
 def _alive(pid: int, checkpoint: str) -> bool:

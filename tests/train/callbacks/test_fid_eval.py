@@ -128,7 +128,7 @@ def test_process_mode_evaluates_beside_training_and_the_run_waits_for_it(tmp_pat
     from tests.train import launch
 
     run = tmp_path / "runs" / "tiny"
-    launch.train([f"data.remote={shards(tmp_path / 'data')}", f"checkpoint.save_folder={tmp_path / 'runs'}",
+    proc = launch.train([f"data.remote={shards(tmp_path / 'data')}", f"checkpoint.save_folder={tmp_path / 'runs'}",
                   "run_name=tiny", f"train.max_steps={STEPS}", "train.global_batch_size=8", "sampler.steps=2",
                   "sampler.guidance_scale=1.5", "checkpoint.every=2",
                   *eval_overrides(reference, inception_weights, mode="process")], nproc=2, logs=tmp_path / "logs")
@@ -144,6 +144,8 @@ def test_process_mode_evaluates_beside_training_and_the_run_waits_for_it(tmp_pat
         assert record["sampler"]["steps"] == 2 and record["sampler"]["guidance_scale"] == 1.5
     rows = [line.split(",")[:2] for line in (folder / "results.csv").read_text().splitlines()[1:]]
     assert sorted(rows) == [["2", "10"], ["4", "10"]]
+    said = proc.stdout + proc.stderr  # rank 0's log: each result as its process ends
+    assert "step 4: FID" in said and ", beside training" in said, said[-3000:]
 
 
 def test_process_mode_starts_again_on_resume_an_evaluation_the_stopped_run_lost(tmp_path, reference,
