@@ -211,7 +211,7 @@ def build_trainer(recipe: Recipe) -> tuple[Trainer, RunPaths]:
                                     sampler.merged(steps=recipe.logging.sample_steps),
                                     paths.local_root, seed=recipe.seed))
     if recipe.eval.every:
-        callbacks.append(scheduled_eval(recipe, paths, sampler))
+        callbacks.append(scheduled_eval(recipe, paths, sampler, saver))
     where = paths.remote or str(paths.local_root.resolve())
     loggers = [lg for lg in [wandb_logger(recipe, where, str(paths.local_root))] if lg is not None]
 
@@ -248,9 +248,9 @@ def warmup(recipe: Recipe):
     return ConstantWithWarmupScheduler(t_warmup=f"{recipe.optim.warmup_steps}ba")
 
 
-def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig):
+def scheduled_eval(recipe: Recipe, paths: RunPaths, sampler: SamplerConfig, saver: CheckpointSaver):
     e = recipe.eval
     return ScheduledEval(every=e.every, mode=e.mode, num_samples=e.num_samples, batch_size=e.batch_size,
                          reference=e.reference, inception_path=e.inception_path, sampler=sampler,
                          run_dir=paths.local_root, seed=recipe.seed, image_size=tuple(recipe.data.image_size),
-                         script=e.script, classifier_path=e.classifier)
+                         script=e.script, classifier_path=e.classifier, saver=saver)

@@ -13,7 +13,7 @@ callbacks):
 A start with a remote save folder also uploads the local checkpoints that a previous process saved but
 could not upload (store down, grace period over), newest remote one first.
 Retention keeps the newest `keep_last` checkpoints plus milestones, and never deletes a local checkpoint
-that is not yet uploaded.
+that is not yet uploaded, nor one that an evaluation beside training still reads (hold / release).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class CheckpointSaver(Callback):
         self.saved: list[int] = []  # steps saved by this process, in order
         self.agreed = -1  # newest step uploaded by every rank (identical on all ranks)
         self.last_saved_step = -1
+        self.held: set[int] = set()  # steps that an evaluation process beside training reads
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -190,6 +191,15 @@ class CheckpointSaver(Callback):
                   "start there resumes from them and uploads them", self.upload_timeout if timeout is None else timeout,
                   self.local_root)
 
+    def hold(self, step: int) -> None:
+        """Keep the local checkpoint of `step` until `release(step)` (train/callbacks/fid_eval.py, mode process)."""
+        self.held.add(step)
+
+    def release(self, step: int) -> None:
+        """Let retention have the checkpoint of `step` again, and apply it."""
+        self.held.discard(step)
+        self._prune_local()
+
     def _prune_local(self):
         """Retention over the complete local checkpoints; incomplete ones and stale `.tmp` folders older
         than the newest save are leftovers of killed processes."""
@@ -199,7 +209,7 @@ class CheckpointSaver(Callback):
         complete = [s for s, folder in existing if (folder / MANIFEST).is_file()]
         pinned = self.uploader.pinned if self.uploader is not None else set()
         for step, folder in existing:
-            if step in self.milestones or step > self.agreed or step in pinned:
+            if step in self.milestones or step > self.agreed or step in pinned or step in self.held:
                 continue
             if step in complete[: self.keep_last] or (step not in complete and step >= self.last_saved_step):
                 continue

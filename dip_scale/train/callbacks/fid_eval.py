@@ -6,11 +6,12 @@ mode "local" (the embedded default): in-process, small N, on the EMA weights. Ev
     (dip_scale.eval.results) and logs eval/* to Composer's loggers at the current step.
 mode "process": rank 0 starts `python -m dip_scale.eval.cli` (dip-eval, the program the Slurm job runs) on
     the newest complete checkpoint as a process of its own on this machine, and training goes on beside it:
-    for spare capacity (the CPU demo's second core, a GPU that training does not use). Its results land where
-    local mode's do (<run>/eval/step-<N>.n<num_samples>.json, the run's table and plot), its output in
-    <run>/eval/step-<N>.n<num_samples>.log; the pid goes to <run>/eval/jobs.jsonl. At the end of training the
-    run waits for its evaluations. An evaluation whose process did not finish (the run was stopped or killed
-    with it) is started again when the run resumes, if its checkpoint is still there.
+    for spare capacity (the CPU demo's cores; on a GPU node it uses the first visible GPU, rank 0's). Its
+    results land where local mode's do (<run>/eval/step-<N>.n<num_samples>.json, the run's table and plot),
+    its output in <run>/eval/step-<N>.n<num_samples>.log; the pid goes to <run>/eval/jobs.jsonl. Retention
+    keeps the checkpoint until its evaluation has ended. At the end of training the run waits for its
+    evaluations. An evaluation whose process did not finish (the run was stopped or killed with it) is started
+    again when the run resumes, if its checkpoint is still there.
 mode "slurm": rank 0 submits `sbatch cluster/eval_fid.sh <newest checkpoint> <dip-eval args>` for the
     newest complete checkpoint of the run (<run>/checkpoints/step-N with its manifest) from a background
     thread, so training never waits; the job id goes to <run>/eval/jobs.jsonl and the job itself appends
@@ -63,14 +64,15 @@ class ScheduledEval(Callback):
     torch hub cache), sampler (the recipe's), run_dir (the run's local folder: its checkpoints/ and eval/),
     seed (sample i uses the noise of (seed, i)), image_size (None: that of the training batches), script
     (slurm: the job script), sbatch_args (slurm: extra sbatch options), eval_args (slurm: extra dip-eval
-    options), cache_dir (for s3:// references), classifier_path (None: no class accuracy)."""
+    options), cache_dir (for s3:// references), classifier_path (None: no class accuracy), saver (process: the
+    run's CheckpointSaver, which keeps each evaluated checkpoint until its process has ended)."""
 
     def __init__(self, every: int, mode: str = "local", num_samples: int = 1000, batch_size: int = 64,
                  reference: str | None = None, inception_path: str | None = None,
                  sampler: SamplerConfig | None = None, run_dir: str | Path = "runs/eval", seed: int = 0,
                  image_size: tuple[int, int] | None = None, script: str | Path = "cluster/eval_fid.sh",
                  sbatch_args: list[str] | None = None, eval_args: list[str] | None = None,
-                 cache_dir: str | None = None, classifier_path: str | None = None):
+                 cache_dir: str | None = None, classifier_path: str | None = None, saver=None):
         self.every, self.mode = every, mode
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.reference, self.inception_path, self.cache_dir = str(reference), inception_path, cache_dir
@@ -80,12 +82,14 @@ class ScheduledEval(Callback):
         self.script = Path(script)
         self.sbatch_args, self.eval_args = list(sbatch_args or []), list(eval_args or [])
         self.classifier_path = classifier_path
+        self.saver = saver
         self.inception = None
         self.classifier = None
         self.ref_stats = None
         self.submitted_step = -1
         self._threads: list[threading.Thread] = []
         self._processes: list[tuple[int, subprocess.Popen, Path]] = []  # mode process: (step, process, log)
+        self._queue: list[tuple[int, Path]] = []  # mode process: (step, checkpoint) waiting for their turn
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class ScheduledEval(Callback):
             wandb_run.define_metric("eval/step")
             wandb_run.define_metric("eval/*", step_metric="eval/step")
         if self.mode != "local":  # a resumed run does not submit again what it submitted before
-            started = [j for j in read_jobs(self.run_dir) if "job_id" in j or "pid" in j]
+            started = [j for j in read_jobs(self.run_dir) if "job_id" in j or "pid" in j or j.get("queued")]
             self.submitted_step = max((j["step"] for j in started), default=-1)
             if self.mode == "process" and world()[0] == 0:
                 self.restart_lost(started)
@@ -113,7 +117,7 @@ class ScheduledEval(Callback):
     def batch_end(self, state: State, logger: Logger):
         step = int(state.timestamp.batch)
         if self._processes:
-            self.report_finished()
+            self.report_finished()  # and starts the next queued one
         if step % self.every:
             return
         if self.mode == "local":
@@ -124,11 +128,13 @@ class ScheduledEval(Callback):
     def fit_end(self, state: State, logger: Logger):
         for t in self._threads:
             t.join(timeout=120)
-        for step, proc, _ in self._processes:  # the run's table is complete when training returns
-            if proc.poll() is None:
-                log.info("waiting for the evaluation of step %d (process %d)", step, proc.pid)
-                proc.wait()
-        self.report_finished()
+        while self._processes or self._queue:  # the run's table is complete when training returns
+            if self._processes:
+                step, proc, _ = self._processes[0]
+                if proc.poll() is None:
+                    log.info("waiting for the evaluation of step %d (process %d)", step, proc.pid)
+                    proc.wait()
+            self.report_finished()  # and starts the next queued one
 
     # -- local --------------------------------------------------------------------------------------
 
@@ -227,21 +233,25 @@ class ScheduledEval(Callback):
 
     # -- process ------------------------------------------------------------------------------------
 
-    def start_process(self, step: int, checkpoint: Path) -> subprocess.Popen | None:
-        """Start dip-eval on `checkpoint` beside training; recorded in jobs.jsonl with its pid."""
-        running = [s for s, proc, _ in self._processes if proc.poll() is None]  # not yet reported
-        if running:
-            log.warning("the evaluation of step %s is still running; step %d's starts beside it", running, step)
+    def start_process(self, step: int, checkpoint: Path) -> None:
+        """Evaluate `checkpoint` with dip-eval beside training: now, or after the evaluation in progress (one at a
+        time: evaluations that pile up on the same machine only slow each other and training down). Recorded in
+        jobs.jsonl (queued, then with its pid); retention keeps the checkpoint until its evaluation has ended."""
+        if self.saver is not None:
+            self.saver.hold(step)
+        if self._processes:
+            log.info("the evaluation of step %d waits for that of step %d", step, self._processes[0][0])
+            self._queue.append((step, checkpoint))
+            self._record({"step": step, "checkpoint": str(checkpoint), "queued": True})
+            return
         folder = self.run_dir / EVAL_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         log_path = folder / f"step-{step:09d}.n{self.num_samples}.log"
         cmd = self.command(checkpoint)
-        entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd, "log": str(log_path),
-                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        entry = {"step": step, "checkpoint": str(checkpoint), "command": cmd, "log": str(log_path)}
         # Not this rank's process group (dip-eval would join it as a rank of its own), nor its wandb service.
         env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES and k != "WANDB_SERVICE"}
-        proc = None
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
             entry["pid"] = proc.pid
@@ -250,27 +260,39 @@ class ScheduledEval(Callback):
         except OSError as err:  # an evaluation that cannot start must not stop training
             entry["error"] = f"could not start dip-eval: {err}"
             log.error("FID evaluation of %s not started: %s", checkpoint, entry["error"])
+            if self.saver is not None:
+                self.saver.release(step)
+        self._record(entry)
+
+    def _record(self, entry: dict) -> None:
+        folder = self.run_dir / EVAL_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        entry["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         with open(folder / "jobs.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
-        return proc
 
     def report_finished(self) -> None:
-        """Say what each evaluation process that has ended found (or where its output is, if it failed)."""
+        """Say what each evaluation process that has ended found (or where its output is, if it failed), and
+        start the next queued one."""
         for entry in [e for e in self._processes if e[1].poll() is not None]:
             self._processes.remove(entry)
             step, proc, log_path = entry
+            if self.saver is not None:
+                self.saver.release(step)
             try:
                 log.info("%s, beside training", summary(json.loads(self.record_path(step).read_text())))
             except (OSError, ValueError):
                 log.error("the evaluation of step %d exited with %d without a result; its output: %s", step,
                           proc.returncode, log_path)
+        if not self._processes and self._queue:
+            self.start_process(*self._queue.pop(0))  # held since it was queued
 
     def restart_lost(self, started: list[dict]) -> None:
-        """Start again the evaluations of an earlier start of this run whose process ended without a result
-        (stopped or killed with the run), where the checkpoint is still there."""
-        newest = {job["step"]: job for job in started if "pid" in job}  # a step started again: its last start
-        for job in newest.values():
-            if self.record_path(job["step"]).is_file() or _alive(job["pid"], job["checkpoint"]):
+        """Start again the evaluations of an earlier start of this run that ended without a result (stopped or
+        killed with the run, or still queued then), where the checkpoint is still there."""
+        newest = {job["step"]: job for job in started if "pid" in job or job.get("queued")}  # its last entry
+        for job in sorted(newest.values(), key=lambda j: j["step"]):
+            if self.record_path(job["step"]).is_file() or ("pid" in job and _alive(job["pid"], job["checkpoint"])):
                 continue
             checkpoint = Path(job["checkpoint"])
             if (checkpoint / MANIFEST).is_file():

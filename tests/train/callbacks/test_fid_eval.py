@@ -124,18 +124,21 @@ def test_n_that_does_not_split_over_the_classes_fails_before_training(tmp_path, 
 
 def test_process_mode_evaluates_beside_training_and_the_run_waits_for_it(tmp_path, reference, inception_weights):
     """Two ranks through Composer's launcher, as users start them: the dip-eval that rank 0 starts must not
-    take the launcher's variables (WORLD_SIZE=2, ...) for a process group of its own."""
+    take the launcher's variables (WORLD_SIZE=2, ...) for a process group of its own, and retention must not
+    delete a checkpoint while its evaluation reads it."""
     from tests.train import launch
 
     run = tmp_path / "runs" / "tiny"
     proc = launch.train([f"data.remote={shards(tmp_path / 'data')}", f"checkpoint.save_folder={tmp_path / 'runs'}",
                   "run_name=tiny", f"train.max_steps={STEPS}", "train.global_batch_size=8", "sampler.steps=2",
-                  "sampler.guidance_scale=1.5", "checkpoint.every=2",
+                  "sampler.guidance_scale=1.5", "checkpoint.every=2", "checkpoint.keep_last=1",
                   *eval_overrides(reference, inception_weights, mode="process")], nproc=2, logs=tmp_path / "logs")
     folder = run / "eval"
     jobs = [json.loads(line) for line in (folder / "jobs.jsonl").read_text().splitlines()]
-    assert [(j["step"], Path(j["checkpoint"]).name) for j in jobs] == [(2, "step-000000002"), (4, "step-000000004")]
-    assert jobs[0]["command"][1:3] == ["-m", "dip_scale.eval.cli"] and all("pid" in j for j in jobs), jobs
+    started = [j for j in jobs if "pid" in j]
+    assert [(j["step"], Path(j["checkpoint"]).name) for j in started] == [(2, "step-000000002"),
+                                                                         (4, "step-000000004")], jobs
+    assert started[0]["command"][1:3] == ["-m", "dip_scale.eval.cli"]
     for step in (2, 4):  # finished when training returned, written where local mode writes
         path = folder / f"step-{step:09d}.n10.json"
         assert path.is_file(), (folder / f"step-{step:09d}.n10.log").read_text()[-3000:]
@@ -144,8 +147,13 @@ def test_process_mode_evaluates_beside_training_and_the_run_waits_for_it(tmp_pat
         assert record["sampler"]["steps"] == 2 and record["sampler"]["guidance_scale"] == 1.5
     rows = [line.split(",")[:2] for line in (folder / "results.csv").read_text().splitlines()[1:]]
     assert sorted(rows) == [["2", "10"], ["4", "10"]]
+    # keep_last=1: step 2's checkpoint outlived the save of step 4 while its evaluation read it, then went
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000000004"]
     said = proc.stdout + proc.stderr  # rank 0's log: each result as its process ends
     assert "step 4: FID" in said and ", beside training" in said, said[-3000:]
+    # Step 4 came while step 2's dip-eval was still starting: one evaluation at a time, the next one queued.
+    assert "the evaluation of step 4 waits for that of step 2" in said and {"step": 4, "queued": True}.items() <= \
+        jobs[1].items(), jobs
 
 
 def test_process_mode_starts_again_on_resume_an_evaluation_the_stopped_run_lost(tmp_path, reference,
@@ -164,7 +172,7 @@ def test_process_mode_starts_again_on_resume_an_evaluation_the_stopped_run_lost(
                          *eval_overrides(reference, inception_weights, mode="process")])
     assert "the evaluation of step 2 did not finish; starting it again" in caplog.text
     jobs = [json.loads(line) for line in (run / "eval" / "jobs.jsonl").read_text().splitlines()]
-    assert [j["step"] for j in jobs] == [2, 2, 6]  # not 4: submitted up to step 2 before, 6 is the next one
+    assert [j["step"] for j in jobs if "pid" in j] == [2, 2, 6]  # not 4: it had passed step 2; 6 is the next
     for step in (2, 6):
         assert json.loads((run / "eval" / f"step-{step:09d}.n10.json").read_text())["step"] == step
 
