@@ -43,7 +43,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch.nn.parallel import DistributedDataParallel
 
-from dip_scale.checkpoint import MANIFEST, newest_complete
+from dip_scale.checkpoint import MANIFEST, newest_complete, step_of
 from dip_scale.diffusion.sampler import SamplerConfig
 from dip_scale.eval.classifier import SCORES, SyntheticClassifier
 from dip_scale.eval.evaluate import EvalSettings, evaluate_model
@@ -170,7 +170,7 @@ class ScheduledEval(Callback):
         if self.mode == "slurm":
             cmd = ["sbatch", "--parsable", *self.sbatch_args, str(self.script), *args]
         else:  # the record where local mode writes its own
-            record = self.record_path(int(Path(checkpoint).name.rsplit("-", 1)[-1])).resolve()
+            record = self.record_path(step_of(Path(checkpoint).name)).resolve()
             cmd = [sys.executable, "-m", "dip_scale.eval.cli", "--no-progress", *args, "--out", str(record)]
         if self.inception_path:
             cmd += ["--inception-weights", str(Path(self.inception_path).resolve())]
@@ -178,7 +178,7 @@ class ScheduledEval(Callback):
             cmd += ["--classifier", str(Path(self.classifier_path).resolve())]
         wandb_run = getattr(sys.modules.get("wandb"), "run", None)
         if wandb_run is not None:  # a run of its own in this run's group, at the checkpoint's step
-            step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+            step = step_of(Path(checkpoint).name)
             cmd += ["--wandb-project", wandb_run.project, "--wandb-group", wandb_run.group or wandb_run.name,
                     "--wandb-run-id", f"{wandb_run.id}-eval-{step}-n{self.num_samples}",
                     "--wandb-mode", "offline" if wandb_run.offline else "online"]
